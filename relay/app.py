@@ -1,0 +1,217 @@
+"""Wires the parts and runs them: intake and HTTP in this process, delivery in worker processes.
+
+Start: migrate the store, recover claims, open the listeners, start the workers. Stop (SIGTERM/SIGINT):
+refuse new sessions, let SMTP transactions in flight finish, stop the workers, exit 0 within 10 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+
+from relay import metrics
+from relay.config import Settings
+from relay.intake.server import IntakeHandler, RelaySMTP
+from relay.store.committer import GroupCommitter
+from relay.store.database import is_sqlite, make_engine, migrate
+from relay.store.queue import Store
+from relay.web.http import HttpApp, HttpServer
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BUDGET = 10.0
+
+
+class Relay:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = make_engine(settings.database.url)
+        self.store = Store(self.engine)
+        self.committer = GroupCommitter(self.store)
+        self.handler = IntakeHandler(settings.smtp, self.committer)
+        self.server: asyncio.base_events.Server | None = None
+        self.http: HttpServer | None = None
+        self.processes: list[multiprocessing.Process] = []
+        self._thread_worker: tuple[threading.Thread, asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._supervisor: asyncio.Task | None = None
+        self.stopping = False
+
+    # -- start ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        await asyncio.to_thread(migrate, self.engine)
+        if is_sqlite(self.engine):
+            # One instance owns a SQLite file: claims left by its previous life are void now.
+            n = await asyncio.to_thread(
+                self.store.recover_expired, s.delivery.max_crashes, None, all_active=True
+            )
+            if n:
+                log.warning("requeued %d recipients claimed before the last stop", n)
+        self.committer.start()
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._protocol,
+            host=s.smtp.listen.host,
+            port=s.smtp.listen.port,
+            reuse_address=True,
+            backlog=512,
+        )
+        if s.http.listen:
+            self.http = HttpServer(
+                s.http.listen.host, s.http.listen.port, HttpApp(self.store.depth, self.health)
+            )
+            self.http.start()
+        self._start_workers()
+        self._supervisor = asyncio.create_task(self._supervise())
+        log.info(
+            "relay ready: smtp %s, http %s, %d worker process(es), upstream %s, store %s",
+            s.smtp.listen,
+            s.http.listen or "off",
+            s.delivery.workers,
+            f"{s.upstream.host}:{s.upstream.port}" if s.upstream.host else f"outbox {s.paths.outbox}",
+            self.engine.url.render_as_string(hide_password=True),
+        )
+
+    def _protocol(self) -> RelaySMTP:
+        s = self.settings.smtp
+        return RelaySMTP(
+            self.handler,
+            hostname=s.hostname,
+            data_size_limit=s.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=s.command_timeout,
+            ident="brand-relay ESMTP",
+        )
+
+    @property
+    def smtp_port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    def _start_workers(self) -> None:
+        n = self.settings.delivery.workers
+        if n == 0:
+            self._start_thread_worker()
+            return
+        for i in range(n):
+            self.processes.append(self._spawn(i))
+
+    def _spawn(self, index: int) -> multiprocessing.Process:
+        from relay.delivery import process
+
+        ctx = multiprocessing.get_context("spawn")
+        p = ctx.Process(
+            target=process.main,
+            name=f"relay-worker-{index}",
+            args=(self.settings, index, os.getpid(), logging.getLogger().level),
+            daemon=False,
+        )
+        p.start()
+        return p
+
+    def _start_thread_worker(self) -> None:
+        """workers = 0: one delivery loop in a thread of this process (development and tests)."""
+        from relay.delivery.process import run_worker
+
+        ready = threading.Event()
+        holder: dict = {}
+
+        def target():
+            loop = asyncio.new_event_loop()
+            stop = asyncio.Event()
+            holder.update(loop=loop, stop=stop)
+            ready.set()
+            loop.run_until_complete(run_worker(self.settings, stop))
+            loop.close()
+
+        t = threading.Thread(target=target, name="relay-worker", daemon=True)
+        t.start()
+        ready.wait()
+        self._thread_worker = (t, holder["loop"], holder["stop"])
+
+    async def _supervise(self) -> None:
+        """Restarts a worker process that died (a crash must not stop delivery)."""
+        while not self.stopping:
+            await asyncio.sleep(1.0)
+            for i, p in enumerate(self.processes):
+                if not p.is_alive() and not self.stopping:
+                    log.error("worker %d (pid %s) exited with %s; restarting", i, p.pid, p.exitcode)
+                    metrics.mark_process_dead(p.pid)
+                    self.processes[i] = self._spawn(i)
+
+    def health(self) -> str | None:
+        try:
+            self.store.ping()
+        except Exception as e:  # noqa: BLE001
+            return f"store unavailable: {e}"
+        if self._thread_worker is not None and not self._thread_worker[0].is_alive():
+            return "delivery worker thread stopped"
+        dead = [p.name for p in self.processes if not p.is_alive()]
+        if dead:
+            return f"worker process(es) not running: {', '.join(dead)}"
+        if self.stopping:
+            return "shutting down"
+        return None
+
+    # -- stop -------------------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        started = time.monotonic()
+        log.info("stopping: no new sessions; finishing transactions in flight")
+        if self.server is not None:
+            self.server.close()
+        await self.handler.drain(timeout=SHUTDOWN_BUDGET * 0.5)
+        if self._supervisor:
+            self._supervisor.cancel()
+        for p in self.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        if self._thread_worker is not None:
+            thread, loop, stop = self._thread_worker
+            loop.call_soon_threadsafe(stop.set)
+            await asyncio.to_thread(
+                thread.join, max(0.5, SHUTDOWN_BUDGET * 0.8 - (time.monotonic() - started))
+            )
+        for p in self.processes:
+            await asyncio.to_thread(p.join, max(0.2, SHUTDOWN_BUDGET * 0.8 - (time.monotonic() - started)))
+            if p.is_alive():
+                log.warning("worker %s did not stop in time; killing it (its claims are recovered)", p.pid)
+                p.kill()
+                p.join(1)
+            metrics.mark_process_dead(p.pid)
+        await asyncio.to_thread(self.committer.stop)
+        if self.http:
+            self.http.stop()
+        self.engine.dispose()
+        log.info("stopped in %.1fs", time.monotonic() - started)
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Runs the relay until SIGTERM or SIGINT."""
+    relay = Relay(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await relay.start()
+    if ready:
+        ready.set()
+    await stop.wait()
+    await relay.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

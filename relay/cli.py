@@ -1,0 +1,188 @@
+"""`relay` command: serve, history, queue, check.
+
+Every failure prints one clear line naming the file and key (or the address) and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import sys
+
+from relay import config
+
+
+def _settings(args) -> config.Settings:
+    return config.load(args.config)
+
+
+def _store(settings: config.Settings):
+    from relay.store.database import make_engine, migrate
+    from relay.store.queue import Store
+
+    engine = make_engine(settings.database.url, pool_size=1)
+    migrate(engine)
+    return Store(engine)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_serve(args) -> int:
+    settings = _settings(args)
+    if settings.delivery.workers > 0:
+        # Worker processes report metrics through files; must be set before prometheus_client loads.
+        mp = settings.paths.state / "metrics"
+        shutil.rmtree(mp, ignore_errors=True)
+        mp.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
+    from relay.app import serve
+    from relay.delivery.process import run_loop
+
+    run_loop(serve(settings))
+    return 0
+
+
+def cmd_history(args) -> int:
+    store = _store(_settings(args))
+    entries = store.history(args.address, limit=args.limit)
+    if args.json:
+        for e in entries:
+            e["received_at"] = _iso(e["received_at"])
+            e["updated_at"] = _iso(e["updated_at"])
+            for ev in e["events"]:
+                ev["at"] = _iso(ev["at"])
+        json.dump(entries, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return 0
+    if not entries:
+        print(f"no messages for {args.address}")
+        return 0
+    for e in entries:
+        print(f"{_when(e['received_at'])}  {e['status']:<10} {e['queue_id']}  {e['subject'][:70]}")
+        print(f"    from <{e['mail_from']}> via {e['source']}  message-id {e['message_id'] or '-'}")
+        if e["skin"] or e["blocks"]:
+            print(f"    skin {e['skin'] or '-'}  blocks {', '.join(e['blocks']) or '-'}")
+        if e["upstream_reply"]:
+            print(f"    upstream: {e['upstream_reply']}")
+        for ev in reversed(e["events"]):
+            print(f"      {_when(ev['at'])} {ev['kind']:<11} {ev['detail'] or ''}")
+    return 0
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def cmd_queue(args) -> int:
+    store = _store(_settings(args))
+    if args.action == "retry":
+        if not args.ids:
+            print("relay queue retry: name queue ids or recipient ids, or 'all'", file=sys.stderr)
+            return 2
+        n = store.retry_now(args.ids)
+        print(f"{n} recipient(s) due now")
+        return 0
+    if args.action == "delete":
+        if not args.ids:
+            print("relay queue delete: name queue ids or recipient ids", file=sys.stderr)
+            return 2
+        n = store.delete(args.ids)
+        print(f"{n} recipient(s) deleted from the queue")
+        return 0
+    statuses = {
+        "all": ("queued", "active", "deferred", "failed"),
+        "failed": ("failed",),
+        "deferred": ("deferred",),
+        "due": ("queued", "active"),
+    }[args.state]
+    rows = store.listing(statuses, limit=args.limit)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    counts = store.depth()
+    print(f"queued {counts['queued']}  active {counts['active']}  deferred {counts['deferred']}")
+    for r in rows:
+        state = r["status"] + ("" if r["status"] == "failed" else " (due)" if r["due"] else "")
+        print(
+            f"{r['id']:>8} {r['queue_id']} {state:<15} tries {r['attempts']:<3} "
+            f"next {_when(r['next_attempt_at']) if r['status'] != 'failed' else '-':<19} "
+            f"<{r['mail_from']}> -> <{r['address']}>"
+        )
+        if r["last_reply"]:
+            print(f"         {r['last_reply'][:150]}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    settings = _settings(args)
+    print(f"{settings.source}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay", description="brand-relay: rewrapping SMTP relay")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument(
+            "--config", "-c", help=f"TOML config file (default: ${config.ENV_CONFIG} or built-in)"
+        )
+        return sp
+
+    s = with_config(sub.add_parser("serve", help="run the relay"))
+    s.set_defaults(fn=cmd_serve)
+
+    h = with_config(sub.add_parser("history", help="one recipient's timeline, newest first"))
+    h.add_argument("address")
+    h.add_argument("--json", action="store_true")
+    h.add_argument("--limit", type=int, default=100)
+    h.set_defaults(fn=cmd_history)
+
+    q = with_config(sub.add_parser("queue", help="list the queue; retry or delete entries"))
+    q.add_argument("action", nargs="?", choices=("list", "retry", "delete"), default="list")
+    q.add_argument("ids", nargs="*", help="queue ids, recipient ids, or 'all' (retry)")
+    q.add_argument("--state", choices=("all", "due", "deferred", "failed"), default="all")
+    q.add_argument("--limit", type=int, default=200)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_queue)
+
+    c = with_config(sub.add_parser("check", help="validate the configuration"))
+    c.set_defaults(fn=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    try:
+        return args.fn(args)
+    except config.ConfigError as e:
+        print(f"relay: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the store down, a file unreadable: one clear line
+        from relay.store.database import StoreError
+
+        if isinstance(e, StoreError):
+            print(f"relay: store error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The delivery worker: claim due recipients, transform, deliver, record the outcome.
+
+Each worker runs in its own process with its own event loop (the transform is CPU work and must never
+run on the intake's loop). Claims are leases: renewed while a delivery runs, recovered by any worker
+when they lapse, so a worker killed mid-delivery loses nothing (at worst a duplicate, never a loss).
+Outcomes are written in groups, many per transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay import metrics
+from relay.config import Settings
+from relay.delivery.retry import DEFER, FAIL, SENT, Reply, classify, expired, next_delay
+from relay.delivery.upstream import UpstreamError
+from relay.store.queue import Claim, Outcome, Store, worker_name
+from relay.store.schema import DEFERRED, FAILED
+from relay.store.schema import SENT as SENT_STATUS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """What the pipeline made of one message for one recipient."""
+
+    data: bytes
+    skin: str | None = None
+    blocks: tuple[str, ...] = ()
+    report: dict | None = None
+    error: str | None = None  # the transform failed open: the original is sent, this says why
+    status: str | None = None  # e.g. "suppressed": do not send
+    defer: str | None = None  # e.g. DKIM signing failed: retry later rather than send unsigned
+
+
+Prepare = Callable[[bytes, Claim], Prepared]
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        upstream,
+        prepare: Prepare,
+        clock: Callable[[], float] = time.time,
+        name: str | None = None,
+    ):
+        self.settings = settings
+        self.d = settings.delivery
+        self.store = store
+        self.upstream = upstream
+        self.prepare = prepare
+        self.clock = clock
+        self.name = name or worker_name()
+        self.inflight: dict[int, asyncio.Task] = {}
+        self.outcomes: list[Outcome] = []
+        self._raw_cache: OrderedDict[str, bytes] = OrderedDict()
+        self._wake = asyncio.Event()
+        self.delivered = 0
+
+    # -- main loop --------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        helpers = [
+            asyncio.create_task(self._every(0.05, self.flush), name="flush"),
+            asyncio.create_task(self._every(self.d.lease / 3, self._renew), name="renew"),
+            asyncio.create_task(self._every(min(5.0, self.d.lease / 2), self._recover), name="recover"),
+        ]
+        try:
+            while not stop.is_set():
+                free = self.d.concurrency - len(self.inflight)
+                claims: list[Claim] = []
+                if free > 0:
+                    try:
+                        claims = await asyncio.to_thread(
+                            self.store.claim,
+                            self.name,
+                            min(free, self.d.batch_size),
+                            self.d.lease,
+                            self.clock(),
+                        )
+                    except Exception as e:  # noqa: BLE001 - store down: wait and try again
+                        log.warning("claim failed: %s", e)
+                for c in claims:
+                    self.inflight[c.id] = asyncio.create_task(self._handle(c))
+                if not claims or free <= len(claims):
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(
+                            self._wake.wait(), self.d.poll_interval if not claims else 0.01
+                        )
+                    except TimeoutError:
+                        pass
+            await self.drain()
+        finally:
+            for h in helpers:
+                h.cancel()
+            await self.flush()
+            await self.upstream.close()
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Waits for deliveries in flight; whatever is left keeps its lease and is recovered later."""
+        if self.inflight:
+            await asyncio.wait(list(self.inflight.values()), timeout=timeout)
+        await self.flush()
+
+    async def _every(self, interval: float, fn) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await fn()
+            except Exception as e:  # noqa: BLE001 - a helper loop must survive a store hiccup
+                log.warning("%s failed: %s", getattr(fn, "__name__", fn), e)
+
+    async def _renew(self) -> None:
+        await asyncio.to_thread(self.store.renew, self.name, list(self.inflight), self.d.lease, self.clock())
+
+    async def _recover(self) -> None:
+        n = await asyncio.to_thread(self.store.recover_expired, self.d.max_crashes, self.clock())
+        if n:
+            metrics.recipients_requeued.inc(n)
+            log.warning("recovered %d recipients whose claim had lapsed", n)
+
+    async def flush(self) -> None:
+        if not self.outcomes:
+            return
+        batch, self.outcomes = self.outcomes, []
+        try:
+            await asyncio.to_thread(self.store.record, self.name, batch, self.clock())
+        except Exception:
+            self.outcomes[:0] = batch  # keep them; the next flush tries again
+            raise
+
+    # -- one recipient ---------------------------------------------------------------------------------
+
+    async def _raw(self, queue_id: str) -> bytes | None:
+        raw = self._raw_cache.get(queue_id)
+        if raw is None:
+            raw = await asyncio.to_thread(self.store.raw, queue_id)
+            if raw is not None and len(raw) < 1_000_000:
+                self._raw_cache[queue_id] = raw
+                while len(self._raw_cache) > 64:
+                    self._raw_cache.popitem(last=False)
+        return raw
+
+    async def _handle(self, claim: Claim) -> None:
+        try:
+            self.outcomes.append(await self._deliver(claim))
+        except Exception as e:  # noqa: BLE001 - never lose the recipient: defer it with the reason
+            log.exception("delivery of %s to %s crashed", claim.queue_id, claim.address)
+            self.outcomes.append(self._outcome(claim, Reply(451, f"4.3.0 local error: {type(e).__name__}")))
+        finally:
+            self.inflight.pop(claim.id, None)
+            self._wake.set()
+
+    async def _deliver(self, claim: Claim) -> Outcome:
+        now = self.clock()
+        if expired(claim.received_at, now, self.d) and claim.attempts > 0:
+            metrics.recipients_failed.labels(reason="expired").inc()
+            return Outcome(
+                claim.id,
+                claim.queue_id,
+                claim.address,
+                FAILED,
+                "5.4.7 queue lifetime exceeded; last reply kept in the timeline",
+                detail="gave up: queue lifetime exceeded",
+            )
+        raw = await self._raw(claim.queue_id)
+        if raw is None:
+            return Outcome(
+                claim.id, claim.queue_id, claim.address, FAILED, "5.3.0 message missing from store"
+            )
+        started = time.perf_counter()
+        prepared = self.prepare(raw, claim)
+        metrics.transform_seconds.observe(time.perf_counter() - started)
+        if prepared.error:
+            await asyncio.to_thread(self.store.record_transform_error, claim.queue_id, prepared.error)
+        if prepared.status:
+            return Outcome(
+                claim.id,
+                claim.queue_id,
+                claim.address,
+                prepared.status,
+                prepared.status,
+                skin=prepared.skin,
+                blocks=prepared.blocks,
+                report=prepared.report,
+            )
+        if prepared.defer:
+            return self._outcome(claim, Reply(451, prepared.defer), prepared)
+        started = time.perf_counter()
+        try:
+            reply = await self.upstream.send(claim.mail_from, claim.address, prepared.data)
+        except UpstreamError as e:
+            reply = Reply(451, f"4.4.1 {e}")
+        metrics.delivery_seconds.observe(time.perf_counter() - started)
+        return self._outcome(claim, reply, prepared)
+
+    def _outcome(self, claim: Claim, reply: Reply, prepared: Prepared | None = None) -> Outcome:
+        now = self.clock()
+        action = classify(reply, self.d)
+        extra = {}
+        if prepared is not None:
+            extra = {"skin": prepared.skin, "blocks": prepared.blocks, "report": prepared.report}
+        if action == SENT:
+            metrics.recipients_delivered.inc()
+            self.delivered += 1
+            for block in prepared.blocks if prepared else ():
+                metrics.crosssell_injected.labels(block=block).inc()
+            return Outcome(claim.id, claim.queue_id, claim.address, SENT_STATUS, str(reply), **extra)
+        if action == FAIL:
+            metrics.recipients_failed.labels(reason="rejected").inc()
+            return Outcome(claim.id, claim.queue_id, claim.address, FAILED, str(reply), **extra)
+        assert action == DEFER
+        if expired(claim.received_at, now, self.d):
+            metrics.recipients_failed.labels(reason="expired").inc()
+            return Outcome(
+                claim.id,
+                claim.queue_id,
+                claim.address,
+                FAILED,
+                str(reply),
+                detail=f"gave up (queue lifetime exceeded): {reply}",
+                **extra,
+            )
+        metrics.recipients_deferred.inc()
+        delay = next_delay(claim.attempts + 1, self.d)
+        return Outcome(
+            claim.id,
+            claim.queue_id,
+            claim.address,
+            DEFERRED,
+            str(reply),
+            next_attempt_at=now + delay,
+            detail=f"{reply} (retry in {delay:.0f}s)",
+            **extra,
+        )

@@ -1,0 +1,260 @@
+"""The SMTP side: policy at RCPT, durable commit before 250, clear replies for everything else.
+
+Intake does little on purpose (DESIGN.md): check policy, add the trace header, commit the raw message
+and its envelope, reply. The transform runs later in the worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import re
+import time
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import metrics
+from relay.config import SmtpSettings
+from relay.intake import replies
+from relay.store.committer import GroupCommitter
+from relay.store.database import StoreError
+from relay.store.queue import NewMessage, new_queue_id
+
+log = logging.getLogger(__name__)
+
+_HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}")
+_EHLO_KEEP = ("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS", "AUTH")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with a session cap, a shutdown state and enhanced codes on every reply."""
+
+    def __init__(self, handler: IntakeHandler, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.intake = handler
+        self._refused = False
+        self._bare_replies = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection, not the STARTTLS upgrade of one
+            refusal = self.intake.refuse_connection()
+            if refusal:
+                self._refused = True
+                metrics.messages_refused.labels(reason="session_limit").inc()
+                transport.write(refusal.encode() + b"\r\n")
+                transport.close()
+                return
+            self.intake.sessions.add(self)
+            metrics.smtp_sessions.inc()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self in self.intake.sessions:
+            self.intake.sessions.discard(self)
+            metrics.smtp_sessions.dec()
+        super().connection_lost(error)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        if not self._bare_replies and not _HAS_ENHANCED.match(raw):
+            enhanced = replies.ENHANCED_BY_CODE.get(raw[:3].decode("ascii", "replace"))
+            if enhanced and raw[3:4] in (b" ", b"-"):
+                raw = raw[:4] + enhanced.encode() + b" " + raw[4:]
+        await super().push(raw)
+
+    async def smtp_EHLO(self, hostname: str):  # RFC 2034: no enhanced codes in the EHLO/HELO reply
+        self._bare_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._bare_replies = False
+
+    async def smtp_HELO(self, hostname: str):
+        self._bare_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._bare_replies = False
+
+
+class IntakeHandler:
+    """aiosmtpd handler: one coroutine per SMTP verb that needs a decision."""
+
+    def __init__(self, settings: SmtpSettings, committer: GroupCommitter):
+        self.settings = settings
+        self.committer = committer
+        self.sessions: set[RelaySMTP] = set()
+        self.closing = False
+
+    # -- connection policy --------------------------------------------------------------------------
+
+    def refuse_connection(self) -> str | None:
+        if self.closing:
+            return replies.SHUTTING_DOWN
+        if len(self.sessions) >= self.settings.max_sessions:
+            return replies.TOO_MANY_SESSIONS
+        return None
+
+    def trusted(self, session: Session) -> bool:
+        try:
+            addr = ipaddress.ip_address(_peer_host(session))
+        except ValueError:
+            return False
+        if addr.version == 6 and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.settings.trusted_networks)
+
+    def source(self, session: Session) -> str:
+        """The name rules see: the AUTH user when there is one, else the client address."""
+        if session.authenticated and session.auth_data is not None:
+            user = getattr(session.auth_data, "login", session.auth_data)
+            return user.decode("utf-8", "replace") if isinstance(user, bytes) else str(user)
+        return _peer_host(session)
+
+    # -- SMTP hooks ---------------------------------------------------------------------------------
+
+    async def handle_EHLO(self, server, session: Session, envelope: Envelope, hostname: str, responses):
+        session.host_name = hostname
+        keep = [responses[0]] + [
+            r for r in responses[1:] if r[4:].split(" ", 1)[0].upper() in _EHLO_KEEP
+        ] + ["250-ENHANCEDSTATUSCODES"]
+        return [r[:3] + "-" + r[4:] for r in keep[:-1]] + [keep[-1][:3] + " " + keep[-1][4:]]
+
+    async def handle_MAIL(self, server, session: Session, envelope: Envelope, address: str, options):
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(self, server, session: Session, envelope: Envelope, address: str, options):
+        # aiosmtpd accepts every recipient unless a hook refuses: this is what keeps us from being open.
+        if not (self.trusted(session) or getattr(session, "authenticated", False)):
+            metrics.messages_refused.labels(reason="relay_denied").inc()
+            log.info("relay denied for %s to %s", _peer_host(session), address)
+            return replies.RELAY_DENIED
+        if not address or "\r" in address or "\n" in address:
+            return replies.BAD_ADDRESS
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            metrics.messages_refused.labels(reason="too_many_recipients").inc()
+            return replies.TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        raw = envelope.original_content or b""
+        if len(raw) > self.settings.max_message_size:
+            metrics.messages_refused.labels(reason="too_big").inc()
+            return replies.MESSAGE_TOO_BIG.format(limit=self.settings.max_message_size)
+        if self.committer.overloaded():
+            metrics.messages_refused.labels(reason="overloaded").inc()
+            return replies.OVERLOADED
+        now = time.time()
+        queue_id = new_queue_id(now)
+        message_id, subject = _summary(raw)
+        peer = _peer_host(session)
+        helo = session.host_name or ""
+        full = _received_header(helo, peer, self.settings.hostname, queue_id, envelope, now) + raw
+        message = NewMessage(
+            queue_id=queue_id, mail_from=envelope.mail_from or "", recipients=tuple(envelope.rcpt_tos),
+            raw=full, source=self.source(session), client_addr=peer, helo=helo,
+            message_id=message_id, subject=subject, received_at=now,
+        )
+        try:
+            await self.committer.commit(message)
+        except StoreError as e:
+            log.error("message from %s not stored: %s", peer, e)
+            metrics.messages_refused.labels(reason="store_unavailable").inc()
+            return replies.NOT_STORED
+        except Exception:
+            log.exception("message from %s not stored", peer)
+            metrics.messages_refused.labels(reason="internal_error").inc()
+            return replies.NOT_STORED
+        metrics.messages_received.inc()
+        metrics.intake_seconds.observe(time.perf_counter() - started)
+        log.info("queued %s from=<%s> nrcpt=%d size=%d", queue_id, message.mail_from,
+                 len(message.recipients), len(full))
+        return replies.QUEUED.format(queue_id=queue_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default is a 500 carrying the exception text: temporary, and nothing leaked, instead.
+        log.exception("SMTP session error", exc_info=error)
+        metrics.messages_refused.labels(reason="internal_error").inc()
+        return replies.INTERNAL_ERROR
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Lets transactions in flight finish (up to ``timeout``), then closes every session."""
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        while any(s.in_transaction for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            if s.transport is not None:
+                try:
+                    await asyncio.wait_for(s.push(replies.SHUTTING_DOWN), 0.5)
+                except Exception:  # noqa: BLE001 - the peer may be gone already
+                    pass
+                s.transport.close()
+
+
+def _peer_host(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+def _summary(raw: bytes) -> tuple[str, str]:
+    """Message-ID and decoded Subject for the log; never fails on broken headers."""
+    m = _HEADER_END.search(raw, 0, 256 * 1024)
+    head = raw[: m.end()] if m else raw[: 256 * 1024]
+    try:
+        parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
+        headers = {k.lower(): v for k, v in reversed(list(parsed.raw_items()))}  # first occurrence wins
+        message_id = _unescape_8bit(headers.get("message-id", "")).strip()[:998]
+        subject_raw = _unescape_8bit(headers.get("subject", ""))
+        try:
+            subject = str(make_header(decode_header(subject_raw)))
+        except Exception:  # noqa: BLE001 - undecodable encoded-words: keep them as sent
+            subject = subject_raw
+        return message_id, " ".join(subject.split())[:998]
+    except Exception:  # noqa: BLE001
+        return "", ""
+
+
+def _unescape_8bit(value: str) -> str:
+    """Raw 8-bit header bytes (RFC 6532 UTF-8, or a legacy tool's Windows-1252) as text."""
+    if value.isascii():
+        return value
+    data = value.encode("ascii", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
+def _received_header(helo: str, peer: str, hostname: str, queue_id: str, envelope: Envelope,
+                     now: float) -> bytes:
+    """RFC 5321 4.4 trace line; the only change intake makes to the message."""
+    helo = re.sub(r"[^\x21-\x7e]", "?", helo)[:100] or "unknown"
+    proto = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP"
+    rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+    line = (
+        f"Received: from {helo} ([{peer}])\r\n\tby {hostname} (brand-relay) with {proto} id {queue_id}"
+        f"{rcpt};\r\n\t{email.utils.formatdate(now)}\r\n"
+    )
+    return line.encode("utf-8", "replace")

@@ -1,0 +1,105 @@
+"""Group commit: many intake messages per transaction (and so per fsync), none acknowledged before it.
+
+One thread owns the intake's writes. While it commits one group, new messages gather; the next
+transaction takes all of them. At light load each message commits alone (lowest latency); under load the
+groups grow by themselves, with no fixed delay. A group that fails is retried message by message, so one
+bad row cannot refuse its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+
+from relay.store.queue import NewMessage, Store
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class GroupCommitter:
+    def __init__(self, store: Store, max_group: int = 256, max_pending: int = 2000):
+        self.store = store
+        self.max_group = max_group
+        self.max_pending = max_pending
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="relay-commit", daemon=True)
+        self.groups = 0
+        self.committed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finishes what was handed in, then stops."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def overloaded(self) -> bool:
+        """True when intake should push back (451) rather than grow its memory."""
+        return self._pending >= self.max_pending
+
+    async def commit(self, message: NewMessage) -> None:
+        """Returns once ``message`` is committed; raises StoreError (or another error) if it was not."""
+        fut: Future = Future()
+        with self._lock:
+            self._pending += 1
+        self._queue.put((message, fut))
+        await asyncio.wrap_future(fut)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            group = [first]
+            stop = False
+            while len(group) < self.max_group:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                group.append(item)
+            self._commit(group)
+            if stop:
+                return
+
+    def _commit(self, group: list[tuple[NewMessage, Future]]) -> None:
+        try:
+            self.store.enqueue([m for m, _ in group])
+            results: list[BaseException | None] = [None] * len(group)
+        except BaseException as e:  # noqa: BLE001 - every error must reach its waiting session
+            if len(group) == 1:
+                results = [e]
+            else:
+                log.warning("group commit of %d failed (%s); retrying one by one", len(group), e)
+                results = []
+                for m, _ in group:
+                    try:
+                        self.store.enqueue([m])
+                        results.append(None)
+                    except BaseException as e1:  # noqa: BLE001
+                        results.append(e1)
+        self.groups += 1
+        for (_, fut), err in zip(group, results, strict=True):
+            if err is None:
+                self.committed += 1
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+        with self._lock:
+            self._pending -= len(group)

@@ -1,0 +1,452 @@
+"""Queue operations: enqueue at intake; claim, renew, record for workers; inspect, retry, delete.
+
+Every method is one short transaction. Claims use FOR UPDATE SKIP LOCKED on PostgreSQL so many instances
+share one database; on SQLite the single writer lock gives the same exclusivity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay.store.database import StoreError
+from relay.store.schema import (
+    ACTIVE,
+    DEFERRED,
+    FAILED,
+    QUEUED,
+    SENT,
+    SUPPRESSED,
+    events,
+    messages,
+    recipients,
+)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Time-ordered and unique across instances: 11 hex digits of milliseconds + 10 random."""
+    ms = int((now if now is not None else time.time()) * 1000)
+    return f"{ms:011X}{secrets.token_hex(5).upper()}"
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """What intake hands to the store: the raw bytes and the envelope, nothing derived later."""
+
+    queue_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    source: str
+    client_addr: str
+    helo: str = ""
+    message_id: str = ""
+    subject: str = ""
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One recipient of one message, leased to a worker."""
+
+    id: int
+    queue_id: str
+    address: str
+    attempts: int
+    mail_from: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A worker's result for one claimed recipient."""
+
+    id: int
+    queue_id: str
+    address: str
+    status: str  # sent | deferred | failed | suppressed
+    reply: str
+    next_attempt_at: float | None = None
+    skin: str | None = None
+    blocks: tuple[str, ...] = ()
+    report: dict | None = None
+    detail: str | None = None
+
+
+def _key(address: str) -> str:
+    return address.strip().lower()
+
+
+class Store:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+
+    def _run(self, fn, *args):
+        try:
+            with self.engine.begin() as conn:
+                return fn(conn, *args)
+        except SQLAlchemyError as e:
+            raise StoreError(str(e.orig if getattr(e, "orig", None) else e).strip()) from e
+
+    # -- intake -----------------------------------------------------------------------------------------
+
+    def enqueue(self, batch: Sequence[NewMessage]) -> None:
+        """Commits a group of messages with their recipients and 'received' events in one transaction."""
+        self._run(self._enqueue, batch)
+
+    @staticmethod
+    def _enqueue(conn, batch: Sequence[NewMessage]) -> None:
+        conn.execute(
+            insert(messages),
+            [
+                {
+                    "queue_id": m.queue_id, "received_at": m.received_at, "mail_from": m.mail_from,
+                    "source": m.source, "client_addr": m.client_addr, "helo": m.helo[:255],
+                    "message_id": m.message_id, "subject": m.subject, "size": len(m.raw), "raw": m.raw,
+                }
+                for m in batch
+            ],
+        )
+        rows, evs = [], []
+        for m in batch:
+            for rcpt in m.recipients:
+                rows.append({
+                    "queue_id": m.queue_id, "address": rcpt, "address_key": _key(rcpt), "status": QUEUED,
+                    "attempts": 0, "next_attempt_at": m.received_at, "crashes": 0,
+                    "updated_at": m.received_at,
+                })
+                evs.append({
+                    "queue_id": m.queue_id, "address_key": _key(rcpt), "at": m.received_at,
+                    "kind": "received", "detail": f"from {m.source} ({m.client_addr})",
+                })
+        conn.execute(insert(recipients), rows)
+        conn.execute(insert(events), evs)
+
+    # -- workers ----------------------------------------------------------------------------------------
+
+    def claim(self, worker: str, limit: int, lease: float, now: float | None = None) -> list[Claim]:
+        """Leases due recipients: fresh mail first, but a quarter of the batch always goes to retries."""
+        now = time.time() if now is None else now
+        return self._run(self._claim, worker, limit, lease, now)
+
+    def _claim(self, conn, worker: str, limit: int, lease: float, now: float) -> list[Claim]:
+        claimed: list[int] = []
+        retry_share = max(1, limit // 4)
+        for status, n in ((QUEUED, limit), (DEFERRED, None)):
+            n = n if n is not None else max(retry_share, limit - len(claimed))
+            due = (
+                select(recipients.c.id)
+                .where(recipients.c.status == status, recipients.c.next_attempt_at <= now)
+                .order_by(recipients.c.next_attempt_at)
+                .limit(n)
+            )
+            if self.postgres:
+                due = due.with_for_update(skip_locked=True)
+            ids = conn.execute(
+                update(recipients)
+                .where(recipients.c.id.in_(due.scalar_subquery()))
+                .values(status=ACTIVE, claimed_by=worker, claimed_until=now + lease, updated_at=now)
+                .returning(recipients.c.id)
+            ).scalars().all()
+            claimed.extend(ids)
+        if not claimed:
+            return []
+        rows = conn.execute(
+            select(
+                recipients.c.id, recipients.c.queue_id, recipients.c.address, recipients.c.attempts,
+                messages.c.mail_from, messages.c.received_at,
+            )
+            .join(messages, messages.c.queue_id == recipients.c.queue_id)
+            .where(recipients.c.id.in_(claimed))
+            .order_by(recipients.c.id)
+        ).all()
+        return [Claim(*row) for row in rows]
+
+    def raw(self, queue_id: str) -> bytes | None:
+        return self._run(
+            lambda c: c.execute(select(messages.c.raw).where(messages.c.queue_id == queue_id)).scalar()
+        )
+
+    def renew(self, worker: str, ids: Iterable[int], lease: float, now: float | None = None) -> None:
+        ids = list(ids)
+        if not ids:
+            return
+        until = (time.time() if now is None else now) + lease
+        self._run(
+            lambda c: c.execute(
+                update(recipients)
+                .where(recipients.c.id.in_(ids), recipients.c.claimed_by == worker)
+                .values(claimed_until=until)
+            )
+        )
+
+    def record(self, worker: str, outcomes: Sequence[Outcome], now: float | None = None) -> int:
+        """Writes a group of outcomes; returns how many were still this worker's to write."""
+        if not outcomes:
+            return 0
+        now = time.time() if now is None else now
+        return self._run(self._record, worker, outcomes, now)
+
+    @staticmethod
+    def _record(conn, worker: str, outcomes: Sequence[Outcome], now: float) -> int:
+        params = [
+            {
+                "b_id": o.id, "b_worker": worker, "b_status": o.status, "b_reply": o.reply[:2000],
+                "b_next": o.next_attempt_at if o.next_attempt_at is not None else now,
+                "b_skin": o.skin, "b_blocks": json.dumps(list(o.blocks)) if o.blocks else None,
+                "b_report": json.dumps(o.report) if o.report else None,
+            }
+            for o in outcomes
+        ]
+        stmt = (
+            update(recipients)
+            .where(
+                recipients.c.id == bindparam("b_id"),
+                recipients.c.claimed_by == bindparam("b_worker"),
+                recipients.c.status == ACTIVE,
+            )
+            .values(
+                status=bindparam("b_status"), last_reply=bindparam("b_reply"),
+                next_attempt_at=bindparam("b_next"), attempts=recipients.c.attempts + 1,
+                claimed_until=None, claimed_by=None, crashes=0, updated_at=now,
+                skin=bindparam("b_skin"), blocks=bindparam("b_blocks"), report=bindparam("b_report"),
+            )
+        )
+        written = conn.execute(stmt, params).rowcount
+        conn.execute(
+            insert(events),
+            [
+                {
+                    "queue_id": o.queue_id, "address_key": _key(o.address), "at": now, "kind": o.status,
+                    "detail": o.detail or o.reply[:2000],
+                }
+                for o in outcomes
+            ],
+        )
+        return written
+
+    def recover_expired(self, max_crashes: int, now: float | None = None, *, all_active: bool = False) -> int:
+        """Returns recipients whose worker vanished to the queue; quarantines repeat offenders.
+
+        A claim whose lease ran out means its worker died (or hung) while handling it. Counting those
+        per recipient is how a message that crashes workers ends up failed instead of looping forever.
+        ``all_active`` releases every claim: only for a single instance restarting on its own SQLite file.
+        """
+        now = time.time() if now is None else now
+        return self._run(self._recover, max_crashes, now, all_active)
+
+    @staticmethod
+    def _recover(conn, max_crashes: int, now: float, all_active: bool) -> int:
+        cond = recipients.c.status == ACTIVE
+        if not all_active:
+            cond = and_(cond, recipients.c.claimed_until < now)
+        quarantine = recipients.c.crashes + 1 >= max_crashes
+        reason = f"quarantined: its worker crashed or stalled {max_crashes} times while handling it"
+        rows = conn.execute(
+            update(recipients)
+            .where(cond)
+            .values(
+                status=case(
+                    (quarantine, FAILED), (recipients.c.attempts == 0, QUEUED), else_=DEFERRED
+                ),
+                last_reply=case((quarantine, reason), else_=recipients.c.last_reply),
+                crashes=recipients.c.crashes + 1,
+                claimed_until=None, claimed_by=None, updated_at=now,
+            )
+            .returning(recipients.c.queue_id, recipients.c.address_key, recipients.c.status)
+        ).all()
+        if rows:
+            conn.execute(
+                insert(events),
+                [
+                    {
+                        "queue_id": q, "address_key": a, "at": now,
+                        "kind": "quarantined" if s == FAILED else "requeued",
+                        "detail": reason if s == FAILED else "claim expired; back in the queue",
+                    }
+                    for q, a, s in rows
+                ],
+            )
+        return len(rows)
+
+    def record_transform_error(self, queue_id: str, error: str) -> None:
+        self._run(
+            lambda c: c.execute(
+                update(messages).where(messages.c.queue_id == queue_id).values(transform_error=error[:2000])
+            )
+        )
+
+    # -- inspection -------------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raises StoreError unless the queue tables answer a query."""
+        self._run(lambda c: c.execute(select(recipients.c.id).limit(1)).all())
+
+    def depth(self) -> dict[str, int]:
+        """Recipients per pending state (queued, active, deferred)."""
+        rows = self._run(
+            lambda c: c.execute(
+                select(recipients.c.status, func.count())
+                .where(recipients.c.status.in_((QUEUED, ACTIVE, DEFERRED)))
+                .group_by(recipients.c.status)
+            ).all()
+        )
+        out = {QUEUED: 0, ACTIVE: 0, DEFERRED: 0}
+        out.update({s: n for s, n in rows})
+        return out
+
+    def history(self, address: str, limit: int = 100) -> list[dict]:
+        """One recipient's timeline, newest first: one entry per message, with its events."""
+
+        def q(conn):
+            rows = conn.execute(
+                select(
+                    recipients.c.queue_id, recipients.c.status, recipients.c.attempts,
+                    recipients.c.last_reply, recipients.c.skin, recipients.c.blocks, recipients.c.report,
+                    recipients.c.updated_at, recipients.c.address,
+                    messages.c.message_id, messages.c.subject, messages.c.received_at,
+                    messages.c.mail_from, messages.c.source, messages.c.transform_error,
+                )
+                .join(messages, messages.c.queue_id == recipients.c.queue_id)
+                .where(recipients.c.address_key == _key(address))
+                .order_by(recipients.c.id.desc())
+                .limit(limit)
+            ).mappings().all()
+            qids = [r["queue_id"] for r in rows]
+            evs: dict[str, list[dict]] = {}
+            if qids:
+                for e in conn.execute(
+                    select(events.c.queue_id, events.c.at, events.c.kind, events.c.detail)
+                    .where(events.c.address_key == _key(address), events.c.queue_id.in_(qids))
+                    .order_by(events.c.at, events.c.id)
+                ).mappings():
+                    evs.setdefault(e["queue_id"], []).append(
+                        {"at": e["at"], "kind": e["kind"], "detail": e["detail"]}
+                    )
+            return [
+                {
+                    "queue_id": r["queue_id"],
+                    "message_id": r["message_id"],
+                    "subject": r["subject"],
+                    "received_at": r["received_at"],
+                    "recipient": r["address"],
+                    "mail_from": r["mail_from"],
+                    "source": r["source"],
+                    # 'active' is an internal lease state: to a reader the message is still queued
+                    "status": QUEUED if r["status"] == ACTIVE else r["status"],
+                    "attempts": r["attempts"],
+                    "skin": r["skin"],
+                    "blocks": json.loads(r["blocks"]) if r["blocks"] else [],
+                    "upstream_reply": r["last_reply"],
+                    "transform_error": r["transform_error"],
+                    "updated_at": r["updated_at"],
+                    "events": evs.get(r["queue_id"], []),
+                }
+                for r in rows
+            ]
+
+        return self._run(q)
+
+    def listing(self, statuses: Sequence[str], limit: int = 200, now: float | None = None) -> list[dict]:
+        now = time.time() if now is None else now
+        rows = self._run(
+            lambda c: c.execute(
+                select(
+                    recipients.c.id, recipients.c.queue_id, recipients.c.address, recipients.c.status,
+                    recipients.c.attempts, recipients.c.next_attempt_at, recipients.c.last_reply,
+                    messages.c.mail_from, messages.c.subject, messages.c.received_at,
+                )
+                .join(messages, messages.c.queue_id == recipients.c.queue_id)
+                .where(recipients.c.status.in_(statuses))
+                .order_by(recipients.c.next_attempt_at)
+                .limit(limit)
+            ).mappings().all()
+        )
+        return [dict(r) | {"due": r["status"] != FAILED and r["next_attempt_at"] <= now} for r in rows]
+
+    def retry_now(self, selector: Sequence[str], now: float | None = None) -> int:
+        """Makes deferred (and failed) recipients due now. selector: queue ids or 'all'."""
+        now = time.time() if now is None else now
+        cond = recipients.c.status.in_((DEFERRED, FAILED))
+        if list(selector) != ["all"]:
+            cond = and_(cond, or_(recipients.c.queue_id.in_(selector), _ids_in(selector)))
+
+        def q(conn):
+            rows = conn.execute(
+                update(recipients).where(cond)
+                .values(status=DEFERRED, next_attempt_at=now, crashes=0, updated_at=now)
+                .returning(recipients.c.queue_id, recipients.c.address_key)
+            ).all()
+            if rows:
+                conn.execute(insert(events), [
+                    {"queue_id": qid, "address_key": a, "at": now, "kind": "retry",
+                     "detail": "relay queue retry"}
+                    for qid, a in rows
+                ])
+            return len(rows)
+
+        return self._run(q)
+
+    def delete(self, selector: Sequence[str], now: float | None = None) -> int:
+        """Removes pending recipients from the queue (kept in the log as failed, reason 'deleted')."""
+        now = time.time() if now is None else now
+        cond = recipients.c.status.in_((QUEUED, DEFERRED, FAILED))
+        cond = and_(cond, or_(recipients.c.queue_id.in_(selector), _ids_in(selector)))
+
+        def q(conn):
+            rows = conn.execute(
+                update(recipients).where(cond)
+                .values(status=FAILED, last_reply="deleted from the queue by an operator", updated_at=now,
+                        next_attempt_at=now)
+                .returning(recipients.c.queue_id, recipients.c.address_key)
+            ).all()
+            if rows:
+                conn.execute(insert(events), [
+                    {"queue_id": qid, "address_key": a, "at": now, "kind": "deleted", "detail": "relay queue"}
+                    for qid, a in rows
+                ])
+            return len(rows)
+
+        return self._run(q)
+
+    def counts(self) -> dict[str, int]:
+        rows = self._run(
+            lambda c: c.execute(select(recipients.c.status, func.count()).group_by(recipients.c.status)).all()
+        )
+        return {s: n for s, n in rows}
+
+    def purge(self, before: float) -> int:
+        """Deletes messages whose recipients are all final and older than ``before`` (log retention)."""
+
+        def q(conn):
+            old = select(messages.c.queue_id).where(messages.c.received_at < before).where(
+                ~select(recipients.c.id)
+                .where(recipients.c.queue_id == messages.c.queue_id,
+                       recipients.c.status.not_in((SENT, FAILED, SUPPRESSED)))
+                .exists()
+            )
+            ids = conn.execute(old).scalars().all()
+            if ids:
+                conn.execute(delete(events).where(events.c.queue_id.in_(ids)))
+                conn.execute(delete(messages).where(messages.c.queue_id.in_(ids)))
+            return len(ids)
+
+        return self._run(q)
+
+
+def _ids_in(selector: Sequence[str]):
+    ids = [int(s) for s in selector if s.isdigit()]
+    return recipients.c.id.in_(ids)

@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(BIN)/relay serve $(if $(CONFIG),--config $(CONFIG))
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff check .
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q

@@ -46,10 +46,10 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Brings the schema to the newest revision (alembic), run at every start."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # before import: it logs its plugins then
     from alembic import command
     from alembic.config import Config
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:

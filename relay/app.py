@@ -46,6 +46,9 @@ class Relay:
 
     async def start(self) -> None:
         s = self.settings
+        from relay.delivery.pipeline import load_dkim_keys
+
+        load_dkim_keys(s)  # a missing key file stops the start (ConfigError), not the first signing
         await asyncio.to_thread(migrate, self.engine)
         if is_sqlite(self.engine):
             # One instance owns a SQLite file: claims left by its previous life are void now.

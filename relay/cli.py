@@ -123,9 +123,102 @@ def cmd_queue(args) -> int:
 
 
 def cmd_check(args) -> int:
+    """Validates the config, the skins and the DKIM keys; every problem as one file:line line."""
     settings = _settings(args)
-    print(f"{settings.source}: ok")
+    from relay.delivery.pipeline import load_dkim_keys
+    from relay.transform import SkinError, SkinLibrary
+
+    errors = []
+    try:
+        skins = SkinLibrary.load(settings.paths.skins)
+        names = ", ".join(skins.names()) or "none"
+        if settings.rewrap.default_skin and settings.rewrap.default_skin not in skins:
+            errors.append(
+                f"{settings.source}: rewrap.default_skin: no skin named "
+                f"{settings.rewrap.default_skin!r} in {settings.paths.skins}"
+            )
+    except SkinError as e:
+        errors.append(str(e))
+        names = "?"
+    except OSError as e:
+        errors.append(f"{settings.paths.skins}: {e.strerror}")
+        names = "?"
+    try:
+        load_dkim_keys(settings)
+    except config.ConfigError as e:
+        errors.append(str(e))
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        return 1
+    print(f"{settings.source}: ok (skins: {names})")
     return 0
+
+
+def cmd_preview(args) -> int:
+    """Rewraps one .eml as the relay would, for admins editing a skin."""
+    from pathlib import Path
+
+    from relay.delivery.pipeline import load_dkim_keys
+    from relay.transform import Decisions, SkinError, SkinLibrary, transform
+
+    settings = _settings(args)
+    path = Path(args.file)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        print(f"relay preview: {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        skins = SkinLibrary.load(settings.paths.skins)
+    except SkinError as e:
+        print(f"relay preview: {e}", file=sys.stderr)
+        return 1
+    skin = args.skin or settings.rewrap.default_skin
+    if skin not in skins:
+        print(
+            f"relay preview: no skin {skin!r} in {settings.paths.skins} (have: {', '.join(skins.names())})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        out, report = transform(
+            raw,
+            recipient=args.rcpt,
+            queue_id="PREVIEW",
+            decisions=Decisions(skin=skin),
+            skins=skins,
+            mail_from=args.mail_from,
+            dkim_keys=load_dkim_keys(settings),
+            html_budget=settings.rewrap.html_budget,
+        )
+    except SkinError as e:
+        print(f"relay preview: {e}", file=sys.stderr)
+        return 1
+    if args.output and args.output.endswith(".html"):
+        out = _html_of(out)
+    if args.output:
+        Path(args.output).write_bytes(out)
+    else:
+        sys.stdout.buffer.write(out)
+    print(
+        f"{report.action}{': ' + report.reason if report.reason else ''} (skin {report.skin}, "
+        f"html {report.html_bytes} bytes{', OVER BUDGET' if report.over_budget else ''})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _html_of(message: bytes) -> bytes:
+    import email
+    from email.policy import compat32
+
+    msg = email.message_from_bytes(message, policy=compat32)
+    for part in msg.walk():
+        if part.get_content_type() == "text/html":
+            payload = part.get_payload(decode=True) or b""
+            return payload.decode(part.get_content_charset() or "utf-8", "replace").encode("utf-8")
+    return b""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_queue)
 
-    c = with_config(sub.add_parser("check", help="validate the configuration"))
+    c = with_config(sub.add_parser("check", help="validate the configuration, skins and keys"))
     c.set_defaults(fn=cmd_check)
+
+    pv = with_config(sub.add_parser("preview", help="rewrap an .eml with a skin, as the relay would"))
+    pv.add_argument("file", help="the message (.eml)")
+    pv.add_argument("--skin", help="skin name (default: rewrap.default_skin)")
+    pv.add_argument("--rcpt", default="client@example.org", help="recipient the message is rendered for")
+    pv.add_argument("--mail-from", default="shop@example.com", help="envelope sender")
+    pv.add_argument("-o", "--output", help="write here; a name ending in .html writes the HTML part alone")
+    pv.set_defaults(fn=cmd_preview)
     return p
 
 

@@ -96,6 +96,22 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class DkimKeySettings:
+    domain: str
+    selector: str
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class RewrapSettings:
+    default_skin: str = "default"  # "" = forward unwrapped unless a rule names a skin
+    html_budget: int = 102_000  # Gmail clips HTML over ~102 KB, and the unsubscribe link with it
+    verify_dkim: bool = True  # check the original signature (before the rewrap breaks it) and log it
+    dmarc_strict_domains: tuple[str, ...] = ()  # From domains with p=quarantine|reject and no key here
+    dkim: tuple[DkimKeySettings, ...] = ()
+
+
+@dataclass(frozen=True)
 class DatabaseSettings:
     url: str = "sqlite:///var/relay.db"
 
@@ -118,6 +134,7 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    rewrap: RewrapSettings = field(default_factory=RewrapSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -280,6 +297,29 @@ def from_mapping(data: dict[str, Any], source: str = "<config>", base: Path | No
         raise ConfigError(source, "delivery.workers", "must be 0 (in-process) or more")
     dl.done()
 
+    rw = section("rewrap")
+    keys = []
+    for i, item in enumerate(rw.get("dkim", list, [])):
+        k = _Section(source, f"rewrap.dkim[{i}]", item)
+        domain = k.get("domain", str, "").strip().lower()
+        selector = k.get("selector", str, "").strip()
+        key_file = k.get("key_file", str, "")
+        k.done()
+        if not (domain and selector and key_file):
+            raise ConfigError(source, k.name, "needs domain, selector and key_file")
+        keys.append(DkimKeySettings(domain, selector, (base / key_file).resolve()))
+    strict = rw.get("dmarc_strict_domains", list, [])
+    if not all(isinstance(d, str) for d in strict):
+        raise ConfigError(source, "rewrap.dmarc_strict_domains", "expected a list of domain names")
+    rewrap = RewrapSettings(
+        default_skin=rw.get("default_skin", str, d.rewrap.default_skin),
+        html_budget=rw.positive("html_budget", int, d.rewrap.html_budget),
+        verify_dkim=rw.get("verify_dkim", bool, d.rewrap.verify_dkim),
+        dmarc_strict_domains=tuple(x.strip().lower() for x in strict),
+        dkim=tuple(keys),
+    )
+    rw.done()
+
     db = section("database")
     url = db.get("url", str, d.database.url)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
@@ -307,7 +347,13 @@ def from_mapping(data: dict[str, Any], source: str = "<config>", base: Path | No
 
     top.done()
     return Settings(
-        smtp=smtp, upstream=upstream, delivery=delivery, database=database, paths=paths, http=http,
+        smtp=smtp,
+        upstream=upstream,
+        delivery=delivery,
+        rewrap=rewrap,
+        database=database,
+        paths=paths,
+        http=http,
         source=source,
     )
 

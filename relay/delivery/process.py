@@ -26,7 +26,7 @@ def build_worker(settings: Settings, store=None):
         upstream = SmtpUpstream(settings.upstream, settings.smtp.hostname)
     else:
         upstream = OutboxUpstream(settings.paths.outbox)
-    return Worker(settings, store, upstream, Pipeline())
+    return Worker(settings, store, upstream, Pipeline(settings))
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event, parent_pid: int | None = None) -> None:

@@ -37,6 +37,7 @@ class Prepared:
     error: str | None = None  # the transform failed open: the original is sent, this says why
     status: str | None = None  # e.g. "suppressed": do not send
     defer: str | None = None  # e.g. DKIM signing failed: retry later rather than send unsigned
+    dkim: str | None = None  # the original signature's verdict, recorded once per message
 
 
 Prepare = Callable[[bytes, Claim], Prepared]
@@ -180,8 +181,8 @@ class Worker:
         started = time.perf_counter()
         prepared = self.prepare(raw, claim)
         metrics.transform_seconds.observe(time.perf_counter() - started)
-        if prepared.error:
-            await asyncio.to_thread(self.store.record_transform_error, claim.queue_id, prepared.error)
+        if prepared.error or prepared.dkim:
+            await asyncio.to_thread(self.store.annotate, claim.queue_id, prepared.error, prepared.dkim)
         if prepared.status:
             return Outcome(
                 claim.id,

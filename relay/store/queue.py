@@ -113,9 +113,16 @@ class Store:
             insert(messages),
             [
                 {
-                    "queue_id": m.queue_id, "received_at": m.received_at, "mail_from": m.mail_from,
-                    "source": m.source, "client_addr": m.client_addr, "helo": m.helo[:255],
-                    "message_id": m.message_id, "subject": m.subject, "size": len(m.raw), "raw": m.raw,
+                    "queue_id": m.queue_id,
+                    "received_at": m.received_at,
+                    "mail_from": m.mail_from,
+                    "source": m.source,
+                    "client_addr": m.client_addr,
+                    "helo": m.helo[:255],
+                    "message_id": m.message_id,
+                    "subject": m.subject,
+                    "size": len(m.raw),
+                    "raw": m.raw,
                 }
                 for m in batch
             ],
@@ -123,15 +130,27 @@ class Store:
         rows, evs = [], []
         for m in batch:
             for rcpt in m.recipients:
-                rows.append({
-                    "queue_id": m.queue_id, "address": rcpt, "address_key": _key(rcpt), "status": QUEUED,
-                    "attempts": 0, "next_attempt_at": m.received_at, "crashes": 0,
-                    "updated_at": m.received_at,
-                })
-                evs.append({
-                    "queue_id": m.queue_id, "address_key": _key(rcpt), "at": m.received_at,
-                    "kind": "received", "detail": f"from {m.source} ({m.client_addr})",
-                })
+                rows.append(
+                    {
+                        "queue_id": m.queue_id,
+                        "address": rcpt,
+                        "address_key": _key(rcpt),
+                        "status": QUEUED,
+                        "attempts": 0,
+                        "next_attempt_at": m.received_at,
+                        "crashes": 0,
+                        "updated_at": m.received_at,
+                    }
+                )
+                evs.append(
+                    {
+                        "queue_id": m.queue_id,
+                        "address_key": _key(rcpt),
+                        "at": m.received_at,
+                        "kind": "received",
+                        "detail": f"from {m.source} ({m.client_addr})",
+                    }
+                )
         conn.execute(insert(recipients), rows)
         conn.execute(insert(events), evs)
 
@@ -155,19 +174,27 @@ class Store:
             )
             if self.postgres:
                 due = due.with_for_update(skip_locked=True)
-            ids = conn.execute(
-                update(recipients)
-                .where(recipients.c.id.in_(due.scalar_subquery()))
-                .values(status=ACTIVE, claimed_by=worker, claimed_until=now + lease, updated_at=now)
-                .returning(recipients.c.id)
-            ).scalars().all()
+            ids = (
+                conn.execute(
+                    update(recipients)
+                    .where(recipients.c.id.in_(due.scalar_subquery()))
+                    .values(status=ACTIVE, claimed_by=worker, claimed_until=now + lease, updated_at=now)
+                    .returning(recipients.c.id)
+                )
+                .scalars()
+                .all()
+            )
             claimed.extend(ids)
         if not claimed:
             return []
         rows = conn.execute(
             select(
-                recipients.c.id, recipients.c.queue_id, recipients.c.address, recipients.c.attempts,
-                messages.c.mail_from, messages.c.received_at,
+                recipients.c.id,
+                recipients.c.queue_id,
+                recipients.c.address,
+                recipients.c.attempts,
+                messages.c.mail_from,
+                messages.c.received_at,
             )
             .join(messages, messages.c.queue_id == recipients.c.queue_id)
             .where(recipients.c.id.in_(claimed))
@@ -204,9 +231,13 @@ class Store:
     def _record(conn, worker: str, outcomes: Sequence[Outcome], now: float) -> int:
         params = [
             {
-                "b_id": o.id, "b_worker": worker, "b_status": o.status, "b_reply": o.reply[:2000],
+                "b_id": o.id,
+                "b_worker": worker,
+                "b_status": o.status,
+                "b_reply": o.reply[:2000],
                 "b_next": o.next_attempt_at if o.next_attempt_at is not None else now,
-                "b_skin": o.skin, "b_blocks": json.dumps(list(o.blocks)) if o.blocks else None,
+                "b_skin": o.skin,
+                "b_blocks": json.dumps(list(o.blocks)) if o.blocks else None,
                 "b_report": json.dumps(o.report) if o.report else None,
             }
             for o in outcomes
@@ -219,10 +250,17 @@ class Store:
                 recipients.c.status == ACTIVE,
             )
             .values(
-                status=bindparam("b_status"), last_reply=bindparam("b_reply"),
-                next_attempt_at=bindparam("b_next"), attempts=recipients.c.attempts + 1,
-                claimed_until=None, claimed_by=None, crashes=0, updated_at=now,
-                skin=bindparam("b_skin"), blocks=bindparam("b_blocks"), report=bindparam("b_report"),
+                status=bindparam("b_status"),
+                last_reply=bindparam("b_reply"),
+                next_attempt_at=bindparam("b_next"),
+                attempts=recipients.c.attempts + 1,
+                claimed_until=None,
+                claimed_by=None,
+                crashes=0,
+                updated_at=now,
+                skin=bindparam("b_skin"),
+                blocks=bindparam("b_blocks"),
+                report=bindparam("b_report"),
             )
         )
         written = conn.execute(stmt, params).rowcount
@@ -230,7 +268,10 @@ class Store:
             insert(events),
             [
                 {
-                    "queue_id": o.queue_id, "address_key": _key(o.address), "at": now, "kind": o.status,
+                    "queue_id": o.queue_id,
+                    "address_key": _key(o.address),
+                    "at": now,
+                    "kind": o.status,
                     "detail": o.detail or o.reply[:2000],
                 }
                 for o in outcomes
@@ -259,12 +300,12 @@ class Store:
             update(recipients)
             .where(cond)
             .values(
-                status=case(
-                    (quarantine, FAILED), (recipients.c.attempts == 0, QUEUED), else_=DEFERRED
-                ),
+                status=case((quarantine, FAILED), (recipients.c.attempts == 0, QUEUED), else_=DEFERRED),
                 last_reply=case((quarantine, reason), else_=recipients.c.last_reply),
                 crashes=recipients.c.crashes + 1,
-                claimed_until=None, claimed_by=None, updated_at=now,
+                claimed_until=None,
+                claimed_by=None,
+                updated_at=now,
             )
             .returning(recipients.c.queue_id, recipients.c.address_key, recipients.c.status)
         ).all()
@@ -273,7 +314,9 @@ class Store:
                 insert(events),
                 [
                     {
-                        "queue_id": q, "address_key": a, "at": now,
+                        "queue_id": q,
+                        "address_key": a,
+                        "at": now,
                         "kind": "quarantined" if s == FAILED else "requeued",
                         "detail": reason if s == FAILED else "claim expired; back in the queue",
                     }
@@ -282,12 +325,17 @@ class Store:
             )
         return len(rows)
 
-    def record_transform_error(self, queue_id: str, error: str) -> None:
-        self._run(
-            lambda c: c.execute(
-                update(messages).where(messages.c.queue_id == queue_id).values(transform_error=error[:2000])
+    def annotate(self, queue_id: str, transform_error: str | None = None, dkim: str | None = None) -> None:
+        """Records on the message what the worker learnt: a fail-open reason, the DKIM verdict."""
+        values = {}
+        if transform_error:
+            values["transform_error"] = transform_error[:2000]
+        if dkim:
+            values["dkim"] = dkim[:16]
+        if values:
+            self._run(
+                lambda c: c.execute(update(messages).where(messages.c.queue_id == queue_id).values(**values))
             )
-        )
 
     # -- inspection -------------------------------------------------------------------------------------
 
@@ -312,19 +360,33 @@ class Store:
         """One recipient's timeline, newest first: one entry per message, with its events."""
 
         def q(conn):
-            rows = conn.execute(
-                select(
-                    recipients.c.queue_id, recipients.c.status, recipients.c.attempts,
-                    recipients.c.last_reply, recipients.c.skin, recipients.c.blocks, recipients.c.report,
-                    recipients.c.updated_at, recipients.c.address,
-                    messages.c.message_id, messages.c.subject, messages.c.received_at,
-                    messages.c.mail_from, messages.c.source, messages.c.transform_error,
+            rows = (
+                conn.execute(
+                    select(
+                        recipients.c.queue_id,
+                        recipients.c.status,
+                        recipients.c.attempts,
+                        recipients.c.last_reply,
+                        recipients.c.skin,
+                        recipients.c.blocks,
+                        recipients.c.report,
+                        recipients.c.updated_at,
+                        recipients.c.address,
+                        messages.c.message_id,
+                        messages.c.subject,
+                        messages.c.received_at,
+                        messages.c.mail_from,
+                        messages.c.source,
+                        messages.c.transform_error,
+                    )
+                    .join(messages, messages.c.queue_id == recipients.c.queue_id)
+                    .where(recipients.c.address_key == _key(address))
+                    .order_by(recipients.c.id.desc())
+                    .limit(limit)
                 )
-                .join(messages, messages.c.queue_id == recipients.c.queue_id)
-                .where(recipients.c.address_key == _key(address))
-                .order_by(recipients.c.id.desc())
-                .limit(limit)
-            ).mappings().all()
+                .mappings()
+                .all()
+            )
             qids = [r["queue_id"] for r in rows]
             evs: dict[str, list[dict]] = {}
             if qids:
@@ -363,17 +425,28 @@ class Store:
     def listing(self, statuses: Sequence[str], limit: int = 200, now: float | None = None) -> list[dict]:
         now = time.time() if now is None else now
         rows = self._run(
-            lambda c: c.execute(
-                select(
-                    recipients.c.id, recipients.c.queue_id, recipients.c.address, recipients.c.status,
-                    recipients.c.attempts, recipients.c.next_attempt_at, recipients.c.last_reply,
-                    messages.c.mail_from, messages.c.subject, messages.c.received_at,
+            lambda c: (
+                c.execute(
+                    select(
+                        recipients.c.id,
+                        recipients.c.queue_id,
+                        recipients.c.address,
+                        recipients.c.status,
+                        recipients.c.attempts,
+                        recipients.c.next_attempt_at,
+                        recipients.c.last_reply,
+                        messages.c.mail_from,
+                        messages.c.subject,
+                        messages.c.received_at,
+                    )
+                    .join(messages, messages.c.queue_id == recipients.c.queue_id)
+                    .where(recipients.c.status.in_(statuses))
+                    .order_by(recipients.c.next_attempt_at)
+                    .limit(limit)
                 )
-                .join(messages, messages.c.queue_id == recipients.c.queue_id)
-                .where(recipients.c.status.in_(statuses))
-                .order_by(recipients.c.next_attempt_at)
-                .limit(limit)
-            ).mappings().all()
+                .mappings()
+                .all()
+            )
         )
         return [dict(r) | {"due": r["status"] != FAILED and r["next_attempt_at"] <= now} for r in rows]
 
@@ -386,16 +459,25 @@ class Store:
 
         def q(conn):
             rows = conn.execute(
-                update(recipients).where(cond)
+                update(recipients)
+                .where(cond)
                 .values(status=DEFERRED, next_attempt_at=now, crashes=0, updated_at=now)
                 .returning(recipients.c.queue_id, recipients.c.address_key)
             ).all()
             if rows:
-                conn.execute(insert(events), [
-                    {"queue_id": qid, "address_key": a, "at": now, "kind": "retry",
-                     "detail": "relay queue retry"}
-                    for qid, a in rows
-                ])
+                conn.execute(
+                    insert(events),
+                    [
+                        {
+                            "queue_id": qid,
+                            "address_key": a,
+                            "at": now,
+                            "kind": "retry",
+                            "detail": "relay queue retry",
+                        }
+                        for qid, a in rows
+                    ],
+                )
             return len(rows)
 
         return self._run(q)
@@ -408,16 +490,30 @@ class Store:
 
         def q(conn):
             rows = conn.execute(
-                update(recipients).where(cond)
-                .values(status=FAILED, last_reply="deleted from the queue by an operator", updated_at=now,
-                        next_attempt_at=now)
+                update(recipients)
+                .where(cond)
+                .values(
+                    status=FAILED,
+                    last_reply="deleted from the queue by an operator",
+                    updated_at=now,
+                    next_attempt_at=now,
+                )
                 .returning(recipients.c.queue_id, recipients.c.address_key)
             ).all()
             if rows:
-                conn.execute(insert(events), [
-                    {"queue_id": qid, "address_key": a, "at": now, "kind": "deleted", "detail": "relay queue"}
-                    for qid, a in rows
-                ])
+                conn.execute(
+                    insert(events),
+                    [
+                        {
+                            "queue_id": qid,
+                            "address_key": a,
+                            "at": now,
+                            "kind": "deleted",
+                            "detail": "relay queue",
+                        }
+                        for qid, a in rows
+                    ],
+                )
             return len(rows)
 
         return self._run(q)
@@ -432,11 +528,17 @@ class Store:
         """Deletes messages whose recipients are all final and older than ``before`` (log retention)."""
 
         def q(conn):
-            old = select(messages.c.queue_id).where(messages.c.received_at < before).where(
-                ~select(recipients.c.id)
-                .where(recipients.c.queue_id == messages.c.queue_id,
-                       recipients.c.status.not_in((SENT, FAILED, SUPPRESSED)))
-                .exists()
+            old = (
+                select(messages.c.queue_id)
+                .where(messages.c.received_at < before)
+                .where(
+                    ~select(recipients.c.id)
+                    .where(
+                        recipients.c.queue_id == messages.c.queue_id,
+                        recipients.c.status.not_in((SENT, FAILED, SUPPRESSED)),
+                    )
+                    .exists()
+                )
             )
             ids = conn.execute(old).scalars().all()
             if ids:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from socketserver import ThreadingMixIn
@@ -53,9 +54,14 @@ class HttpApp:
         return [b"not found\n"]
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class HttpServer:
     def __init__(self, host: str, port: int, app: HttpApp):
-        self.server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+        server_class = _Server6 if ":" in host else _Server
+        self.server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="relay-http", daemon=True)
 
     @property

@@ -1,0 +1,39 @@
+"""The rewrap engine: raw message bytes + decisions -> rewrapped bytes + Report (issue 3).
+
+See README.md in this directory for the rules (pass-through cases, request headers, DKIM,
+size budget, fail-open) and the skin template context.
+"""
+
+from .dkim import verify_dkim
+from .engine import REQUEST_HEADERS, read_request_headers, transform, transform_fail_open
+from .skins import Skin, SkinLibrary
+from .types import (
+    Block,
+    Decisions,
+    DkimKey,
+    DkimSigningError,
+    Report,
+    SkinError,
+    TransformError,
+    TransformTimeout,
+    UnknownSkin,
+)
+
+__all__ = [
+    "REQUEST_HEADERS",
+    "Block",
+    "Decisions",
+    "DkimKey",
+    "DkimSigningError",
+    "Report",
+    "Skin",
+    "SkinError",
+    "SkinLibrary",
+    "TransformError",
+    "TransformTimeout",
+    "UnknownSkin",
+    "read_request_headers",
+    "transform",
+    "transform_fail_open",
+    "verify_dkim",
+]

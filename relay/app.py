@@ -12,11 +12,12 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 
 from relay import metrics
-from relay.config import Settings
+from relay.config import ConfigError, Settings
 from relay.intake.server import IntakeHandler, RelaySMTP
 from relay.store.committer import GroupCommitter
 from relay.store.database import is_sqlite, make_engine, migrate
@@ -36,6 +37,8 @@ class Relay:
         self.committer = GroupCommitter(self.store)
         self.handler = IntakeHandler(settings.smtp, self.committer)
         self.server: asyncio.base_events.Server | None = None
+        self.tls_server: asyncio.base_events.Server | None = None
+        self.tls_context = tls_context(settings.smtp.tls) if settings.smtp.tls else None
         self.http: HttpServer | None = None
         self.processes: list[multiprocessing.Process] = []
         self._thread_worker: tuple[threading.Thread, asyncio.AbstractEventLoop, asyncio.Event] | None = None
@@ -66,6 +69,16 @@ class Relay:
             reuse_address=True,
             backlog=512,
         )
+        if s.smtp.tls and s.smtp.tls.implicit_listen:
+            listen = s.smtp.tls.implicit_listen
+            self.tls_server = await loop.create_server(
+                lambda: self._protocol(implicit_tls=True),
+                host=listen.host,
+                port=listen.port,
+                reuse_address=True,
+                backlog=512,
+                ssl=self.tls_context,
+            )
         if s.http.listen:
             self.http = HttpServer(
                 s.http.listen.host, s.http.listen.port, HttpApp(self.store.depth, self.health)
@@ -82,7 +95,7 @@ class Relay:
             self.engine.url.render_as_string(hide_password=True),
         )
 
-    def _protocol(self) -> RelaySMTP:
+    def _protocol(self, implicit_tls: bool = False) -> RelaySMTP:
         s = self.settings.smtp
         return RelaySMTP(
             self.handler,
@@ -92,6 +105,11 @@ class Relay:
             decode_data=False,
             timeout=s.command_timeout,
             ident="brand-relay ESMTP",
+            tls_context=None if implicit_tls else self.tls_context,
+            authenticator=self.handler.authenticator,
+            # AUTH only over TLS: after STARTTLS, or from the first byte on the implicit-TLS listener
+            auth_require_tls=not implicit_tls,
+            proxy_protocol_timeout=s.proxy_timeout if s.proxy_protocol else None,
         )
 
     @property
@@ -172,8 +190,9 @@ class Relay:
         self.stopping = True
         started = time.monotonic()
         log.info("stopping: no new sessions; finishing transactions in flight")
-        if self.server is not None:
-            self.server.close()
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.close()
         await self.handler.drain(timeout=SHUTDOWN_BUDGET * 0.5)
         if self._supervisor:
             self._supervisor.cancel()
@@ -212,6 +231,16 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         ready.set()
     await stop.wait()
     await relay.stop()
+
+
+def tls_context(tls) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(str(tls.cert), "smtp.tls", f"cannot load certificate and key: {e}") from None
+    return ctx
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -221,6 +221,23 @@ def _html_of(message: bytes) -> bytes:
     return b""
 
 
+def cmd_hash_password(args) -> int:
+    """Reads one password from stdin (so scripts can pipe it) and prints its scrypt hash."""
+    from relay.intake.auth import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("relay hash-password: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="brand-relay: rewrapping SMTP relay")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -251,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_config(sub.add_parser("check", help="validate the configuration, skins and keys"))
     c.set_defaults(fn=cmd_check)
+
+    hp = sub.add_parser("hash-password", help="hash a password read from stdin for [[smtp.users]]")
+    hp.set_defaults(fn=cmd_hash_password)
 
     pv = with_config(sub.add_parser("preview", help="rewrap an .eml with a skin, as the relay would"))
     pv.add_argument("file", help="the message (.eml)")

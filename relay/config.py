@@ -36,6 +36,34 @@ class HostPort:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    cert: Path
+    key: Path
+    implicit_listen: HostPort | None = None  # a second listener speaking TLS from the first byte (465)
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """An AUTH user: one source tool (the shop, the logistics platform...)."""
+
+    name: str
+    password_hash: str
+    source: str
+    allowed_senders: tuple[str, ...] = ()  # "@shop.example" (a domain) or "orders@shop.example"; () = any
+    max_recipients: int | None = None
+    messages_per_minute: int | None = None
+    max_sessions: int | None = None
+
+    def sender_allowed(self, address: str) -> bool:
+        if not self.allowed_senders:
+            return True
+        address = address.lower()
+        return any(
+            address.endswith(p) if p.startswith("@") else address == p for p in self.allowed_senders
+        )
+
+
+@dataclass(frozen=True)
 class SmtpSettings:
     listen: HostPort = HostPort("127.0.0.1", 2525)
     hostname: str = "relay.localdomain"
@@ -48,6 +76,13 @@ class SmtpSettings:
     )
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    tls: TlsSettings | None = None
+    users: tuple[UserSettings, ...] = ()
+    proxy_protocol: bool = False  # expect a PROXY v1/v2 header (HAProxy, cloud TCP load balancers)
+    proxy_timeout: float = 5.0
+
+    def user(self, name: str) -> UserSettings | None:
+        return next((u for u in self.users if u.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -214,6 +249,53 @@ def _networks(source: str, key: str, values: list[Any]) -> tuple:
     return tuple(nets)
 
 
+def _tls(source: str, table: dict | None, base: Path) -> TlsSettings | None:
+    if table is None:
+        return None
+    t = _Section(source, "smtp.tls", table)
+    cert, key = t.get("cert", str, ""), t.get("key", str, "")
+    implicit = t.get("implicit_listen", str, "")
+    t.done()
+    if not cert or not key:
+        raise ConfigError(source, "smtp.tls", "needs both cert and key")
+    paths = {}
+    for k, v in (("cert", cert), ("key", key)):
+        paths[k] = (base / v).resolve()
+        if not paths[k].is_file():
+            raise ConfigError(source, f"smtp.tls.{k}", f"no such file: {paths[k]}")
+    listen = _parse_hostport(source, "smtp.tls.implicit_listen", implicit, 465) if implicit else None
+    return TlsSettings(cert=paths["cert"], key=paths["key"], implicit_listen=listen)
+
+
+def _users(source: str, items: list[Any]) -> tuple[UserSettings, ...]:
+    users = []
+    for i, item in enumerate(items):
+        u = _Section(source, f"smtp.users[{i}]", item)
+        name = u.get("name", str, "")
+        password_hash = u.get("password_hash", str, "")
+        senders = u.get("allowed_senders", list, [])
+        user = UserSettings(
+            name=name,
+            password_hash=password_hash,
+            source=u.get("source", str, name),
+            allowed_senders=tuple(str(x).strip().lower() for x in senders),
+            max_recipients=u.positive("max_recipients", int, None) if "max_recipients" in item else None,
+            messages_per_minute=u.positive("messages_per_minute", int, None)
+            if "messages_per_minute" in item
+            else None,
+            max_sessions=u.positive("max_sessions", int, None) if "max_sessions" in item else None,
+        )
+        u.done()
+        if not name:
+            raise ConfigError(source, u.key("name"), "missing")
+        if not password_hash.startswith("scrypt$"):
+            raise ConfigError(source, u.key("password_hash"), "expected a hash from `relay hash-password`")
+        if any(x.name == name for x in users):
+            raise ConfigError(source, u.key("name"), f"user {name!r} defined twice")
+        users.append(user)
+    return tuple(users)
+
+
 def _reply_rules(source: str, values: list[Any]) -> tuple[ReplyRule, ...]:
     rules = []
     for i, item in enumerate(values):
@@ -255,6 +337,10 @@ def from_mapping(data: dict[str, Any], source: str = "<config>", base: Path | No
         else d.smtp.trusted_networks,
         command_timeout=s.positive("command_timeout", float, d.smtp.command_timeout),
         data_timeout=s.positive("data_timeout", float, d.smtp.data_timeout),
+        tls=_tls(source, s.get("tls", dict, None), base),
+        users=_users(source, s.get("users", list, [])),
+        proxy_protocol=s.get("proxy_protocol", bool, False),
+        proxy_timeout=s.positive("proxy_timeout", float, d.smtp.proxy_timeout),
     )
     s.done()
 

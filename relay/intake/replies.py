@@ -11,6 +11,11 @@ INTERNAL_ERROR = "451 4.3.0 Temporary local problem; please try again later"
 OVERLOADED = "451 4.3.2 The relay is busy; please try again later"
 TOO_MANY_SESSIONS = "421 4.3.2 Too many connections; please try again later"
 SHUTTING_DOWN = "421 4.3.2 The relay is shutting down; please try again later"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+SENDER_NOT_ALLOWED = "553 5.7.1 Sender address not allowed for login {user}"
+USER_SESSIONS = "451 4.7.0 Too many concurrent sessions for login {user}; try again later"
+RATE_LIMITED = "451 4.7.1 Rate limit for {source} ({limit} messages per minute) reached; try again later"
+DATA_TIMEOUT = "421 4.4.2 Data transfer took too long; closing the connection"
 BAD_ADDRESS = "501 5.1.3 Bad address syntax"
 
 # Enhanced codes for the replies aiosmtpd composes on its own (RFC 3463, by basic code).

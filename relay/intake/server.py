@@ -21,6 +21,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay import metrics
 from relay.config import SmtpSettings
 from relay.intake import replies
+from relay.intake.auth import Authenticator, user_of
+from relay.intake.policy import RateLimiter, SessionCounter
 from relay.store.committer import GroupCommitter
 from relay.store.database import StoreError
 from relay.store.queue import NewMessage, new_queue_id
@@ -60,7 +62,20 @@ class RelaySMTP(SMTP):
         if self in self.intake.sessions:
             self.intake.sessions.discard(self)
             metrics.smtp_sessions.dec()
+            counted = getattr(self.session, "relay_user_counted", None)
+            if counted:
+                self.intake.user_sessions.release(counted)
         super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """The whole DATA phase is bounded: a client trickling bytes cannot hold a session forever."""
+        try:
+            await asyncio.wait_for(super().smtp_DATA(arg), self.intake.settings.data_timeout)
+        except TimeoutError:
+            metrics.messages_refused.labels(reason="data_timeout").inc()
+            await self.push(replies.DATA_TIMEOUT)
+            if self.transport is not None:
+                self.transport.close()
 
     @property
     def in_transaction(self) -> bool:
@@ -97,6 +112,9 @@ class IntakeHandler:
         self.committer = committer
         self.sessions: set[RelaySMTP] = set()
         self.closing = False
+        self.authenticator = Authenticator(settings)
+        self.rates = RateLimiter()
+        self.user_sessions = SessionCounter()
 
     # -- connection policy --------------------------------------------------------------------------
 
@@ -118,10 +136,8 @@ class IntakeHandler:
 
     def source(self, session: Session) -> str:
         """The name rules see: the AUTH user when there is one, else the client address."""
-        if session.authenticated and session.auth_data is not None:
-            user = getattr(session.auth_data, "login", session.auth_data)
-            return user.decode("utf-8", "replace") if isinstance(user, bytes) else str(user)
-        return _peer_host(session)
+        user = user_of(session)
+        return user.source if user else _peer_host(session)
 
     # -- SMTP hooks ---------------------------------------------------------------------------------
 
@@ -132,7 +148,24 @@ class IntakeHandler:
         ] + ["250-ENHANCEDSTATUSCODES"]
         return [r[:3] + "-" + r[4:] for r in keep[:-1]] + [keep[-1][:3] + " " + keep[-1][4:]]
 
+    async def handle_PROXY(self, server, session: Session, envelope: Envelope, proxy_data) -> bool:
+        """Behind HAProxy or a TCP load balancer: policy and logs see the real client address."""
+        return bool(proxy_data and proxy_data.valid)
+
     async def handle_MAIL(self, server, session: Session, envelope: Envelope, address: str, options):
+        user = user_of(session)
+        if user is not None:
+            if not user.sender_allowed(address):
+                metrics.messages_refused.labels(reason="sender_not_allowed").inc()
+                return replies.SENDER_NOT_ALLOWED.format(user=user.name)
+            if not getattr(session, "relay_user_counted", None):
+                if not self.user_sessions.acquire(user.name, user.max_sessions):
+                    metrics.messages_refused.labels(reason="session_limit").inc()
+                    return replies.USER_SESSIONS.format(user=user.name)
+                session.relay_user_counted = user.name
+            if user.messages_per_minute and not self.rates.allow(user.name, user.messages_per_minute):
+                metrics.messages_refused.labels(reason="rate_limit").inc()
+                return replies.RATE_LIMITED.format(source=user.source, limit=user.messages_per_minute)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return replies.SENDER_OK
@@ -145,7 +178,10 @@ class IntakeHandler:
             return replies.RELAY_DENIED
         if not address or "\r" in address or "\n" in address:
             return replies.BAD_ADDRESS
-        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+        user = user_of(session)
+        limit = min(self.settings.max_recipients, user.max_recipients or self.settings.max_recipients) \
+            if user else self.settings.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
             metrics.messages_refused.labels(reason="too_many_recipients").inc()
             return replies.TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
@@ -208,10 +244,14 @@ class IntakeHandler:
                     await asyncio.wait_for(s.push(replies.SHUTTING_DOWN), 0.5)
                 except Exception:  # noqa: BLE001 - the peer may be gone already
                     pass
-                s.transport.close()
+                if s.transport is not None:  # the push may have seen the peer go
+                    s.transport.close()
 
 
 def _peer_host(session: Session) -> str:
+    proxy = getattr(session, "proxy_data", None)
+    if proxy is not None and proxy.valid and proxy.src_addr is not None:
+        return str(proxy.src_addr)
     peer = session.peer
     if isinstance(peer, tuple) and peer:
         return str(peer[0])

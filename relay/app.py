@@ -41,6 +41,8 @@ class Relay:
         self.tls_context = tls_context(settings.smtp.tls) if settings.smtp.tls else None
         self.http: HttpServer | None = None
         self.processes: list[multiprocessing.Process] = []
+        self._wake_fds: dict[int, int] = {}  # worker index -> write end of its wake-up pipe
+        self.committer.on_commit = self._wake_workers
         self._thread_worker: tuple[threading.Thread, asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._supervisor: asyncio.Task | None = None
         self.stopping = False
@@ -129,14 +131,31 @@ class Relay:
         from relay.delivery import process
 
         ctx = multiprocessing.get_context("spawn")
+        wake_r, wake_w = ctx.Pipe(duplex=False)
         p = ctx.Process(
             target=process.main,
             name=f"relay-worker-{index}",
-            args=(self.settings, index, os.getpid(), logging.getLogger().level),
+            args=(self.settings, index, os.getpid(), logging.getLogger().level, wake_r),
             daemon=False,
         )
         p.start()
+        wake_r.close()
+        old = self._wake_fds.pop(index, None)
+        if old is not None:
+            os.close(old)
+        fd = os.dup(wake_w.fileno())
+        wake_w.close()
+        os.set_blocking(fd, False)
+        self._wake_fds[index] = fd
         return p
+
+    def _wake_workers(self) -> None:
+        """Called after each intake commit: idle workers claim at once instead of at their next poll."""
+        for fd in list(self._wake_fds.values()):
+            try:
+                os.write(fd, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full (the worker will look anyway) or the worker is gone
 
     def _start_thread_worker(self) -> None:
         """workers = 0: one delivery loop in a thread of this process (development and tests)."""
@@ -145,13 +164,18 @@ class Relay:
         ready = threading.Event()
         holder: dict = {}
 
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        self._wake_fds[0] = wake_w
+
         def target():
             loop = asyncio.new_event_loop()
             stop = asyncio.Event()
             holder.update(loop=loop, stop=stop)
             ready.set()
-            loop.run_until_complete(run_worker(self.settings, stop))
+            loop.run_until_complete(run_worker(self.settings, stop, wake_fd=wake_r))
             loop.close()
+            os.close(wake_r)
 
         t = threading.Thread(target=target, name="relay-worker", daemon=True)
         t.start()
@@ -213,6 +237,9 @@ class Relay:
                 p.join(1)
             metrics.mark_process_dead(p.pid)
         await asyncio.to_thread(self.committer.stop)
+        for fd in self._wake_fds.values():
+            os.close(fd)
+        self._wake_fds.clear()
         if self.http:
             self.http.stop()
         self.engine.dispose()

@@ -58,9 +58,7 @@ class UserSettings:
         if not self.allowed_senders:
             return True
         address = address.lower()
-        return any(
-            address.endswith(p) if p.startswith("@") else address == p for p in self.allowed_senders
-        )
+        return any(address.endswith(p) if p.startswith("@") else address == p for p in self.allowed_senders)
 
 
 @dataclass(frozen=True)
@@ -157,11 +155,19 @@ class PathSettings:
     rules: Path = Path("rules")
     outbox: Path = Path("var/outbox")
     state: Path = Path("var")
+    secret: Path = Path("var/relay.secret")  # HMAC key of unsubscribe tokens; made on first start
 
 
 @dataclass(frozen=True)
 class HttpSettings:
     listen: HostPort | None = HostPort("127.0.0.1", 9101)
+    # How customers reach /unsubscribe (List-Unsubscribe links): the public https URL of this listener,
+    # e.g. behind a reverse proxy. Default: http://<listen>, fine for tests and a local trial only.
+    public_url: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -423,12 +429,18 @@ def from_mapping(data: dict[str, Any], source: str = "<config>", base: Path | No
         rules=path("rules", d.paths.rules),
         outbox=path("outbox", d.paths.outbox),
         state=path("state", d.paths.state),
+        secret=path("secret", d.paths.secret),
     )
     p.done()
 
     h = section("http")
     listen = h.get("listen", str, str(d.http.listen))
-    http = HttpSettings(listen=_parse_hostport(source, "http.listen", listen, 9101) if listen else None)
+    public_url = h.get("public_url", str, None)
+    if public_url is not None and not re.match(r"https?://[^/\s]+", public_url):
+        raise ConfigError(source, "http.public_url", f"expected an http(s) URL, got {public_url!r}")
+    http = HttpSettings(
+        listen=_parse_hostport(source, "http.listen", listen, 9101) if listen else None, public_url=public_url
+    )
     h.done()
 
     top.done()

@@ -27,18 +27,27 @@ recipients_suppressed = Counter("relay_recipients_suppressed_total", "Recipients
 recipients_requeued = Counter(
     "relay_recipients_requeued_total", "Claims that expired (worker crashed or stalled) and went back"
 )
-transform_seconds = Histogram("relay_transform_seconds", "Time to transform one message for one recipient",
-                              buckets=LATENCY_BUCKETS)
+transform_seconds = Histogram(
+    "relay_transform_seconds", "Time to transform one message for one recipient", buckets=LATENCY_BUCKETS
+)
 transform_failures = Counter("relay_transform_failures_total", "Transforms that failed open", ["reason"])
 transform_actions = Counter("relay_transform_total", "Transform results", ["action"])
-delivery_seconds = Histogram("relay_delivery_seconds", "Time of one upstream delivery attempt",
-                             buckets=LATENCY_BUCKETS)
-intake_seconds = Histogram("relay_intake_seconds", "End of DATA to the 250 reply (store commit)",
-                           buckets=LATENCY_BUCKETS)
+delivery_seconds = Histogram(
+    "relay_delivery_seconds", "Time of one upstream delivery attempt", buckets=LATENCY_BUCKETS
+)
+intake_seconds = Histogram(
+    "relay_intake_seconds", "End of DATA to the 250 reply (store commit)", buckets=LATENCY_BUCKETS
+)
+reload_failures = Counter(
+    "relay_reload_failures_total",
+    "Edits of skins/ or rules/ refused (the last good version keeps serving)",
+    ["kind"],
+)
 crosssell_injected = Counter("relay_crosssell_injected_total", "Cross-sell blocks injected", ["block"])
 smtp_sessions = Gauge("relay_smtp_sessions", "Open inbound SMTP sessions", multiprocess_mode="livesum")
-upstream_connections = Gauge("relay_upstream_connections", "Open upstream connections",
-                             multiprocess_mode="livesum")
+upstream_connections = Gauge(
+    "relay_upstream_connections", "Open upstream connections", multiprocess_mode="livesum"
+)
 
 
 class QueueCollector:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 from relay import metrics
 from relay.config import ConfigError, Settings
 from relay.delivery.worker import Prepared
+from relay.rules import MessageFacts, RuleBook, RuleDecision, RuleError, load_or_create_secret
 from relay.store.queue import Claim
+from relay.store.schema import SUPPRESSED
 from relay.transform import (
     Decisions,
     DkimKey,
@@ -45,18 +49,26 @@ def load_dkim_keys(settings: Settings) -> dict[str, DkimKey]:
 
 
 class Pipeline:
-    """Callable the worker uses: (raw, claim) -> Prepared."""
+    """Callable the worker uses: (raw, claim) -> Prepared. Rules decide, the transform rewraps."""
 
-    def __init__(self, settings: Settings, clock=time.monotonic):
+    def __init__(self, settings: Settings, ledger=None, clock=time.monotonic, wallclock=time.time):
         self.settings = settings
+        self.ledger = ledger
         self.clock = clock
+        self.wallclock = wallclock
         self.dkim_keys = load_dkim_keys(settings)
         self.strict = frozenset(settings.rewrap.dmarc_strict_domains)
         self.skins: SkinLibrary | None = None
         self.skins_error: str | None = None
+        self.book: RuleBook | None = None
+        self.rules_error: str | None = None
         self._checked = 0.0
-        self._load_skins()
         self._verified: dict[str, str] = {}
+        self._facts: OrderedDict[str, MessageFacts] = OrderedDict()
+        self._load_skins()
+        self._load_rules()
+
+    # -- the admin-edited files: loaded once, reloaded on edit, the last good version kept ---------------
 
     def _load_skins(self) -> None:
         try:
@@ -64,31 +76,53 @@ class Pipeline:
             self.skins_error = None
         except (SkinError, OSError) as e:
             self.skins_error = f"skins not loaded: {e}"
+            metrics.reload_failures.labels(kind="skins").inc()
             log.error("%s; messages are forwarded unwrapped until it is fixed", self.skins_error)
+
+    def _load_rules(self) -> None:
+        rules = self.settings.paths.rules
+        if not rules.is_dir():
+            self.rules_error = None
+            return
+        try:
+            self.book = RuleBook.load(
+                rules,
+                secret=load_or_create_secret(self.settings.paths.secret),
+                public_url=self.settings.http.base_url,
+                on_error=_count_rules_error,
+            )
+            self.rules_error = None
+        except RuleError as e:
+            self.rules_error = f"rules not loaded: {e}"
+            metrics.reload_failures.labels(kind="rules").inc()
+            log.error("%s; the default skin applies until it is fixed", self.rules_error)
+
+    def refresh(self) -> None:
+        """Picks up edits in skins/ and rules/ at most every RELOAD_EVERY seconds."""
+        if self.clock() - self._checked < RELOAD_EVERY:
+            return
         self._checked = self.clock()
+        if self.skins is None:
+            self._load_skins()
+        else:
+            before = set(self.skins.errors) if hasattr(self.skins, "errors") else set()
+            try:
+                if self.skins.reload_if_changed():
+                    log.info("skins reloaded from %s", self.settings.paths.skins)
+            except Exception as e:  # noqa: BLE001 - the last good skins keep serving
+                log.error("skin reload refused: %s", e)
+            if hasattr(self.skins, "errors") and set(self.skins.errors) - before:
+                metrics.reload_failures.labels(kind="skins").inc()
+        if self.book is None:
+            self._load_rules()
+        else:
+            self.book.reload_if_changed()
 
-    def _fresh_skins(self) -> SkinLibrary | None:
-        if self.clock() - self._checked >= RELOAD_EVERY:
-            if self.skins is None:
-                self._load_skins()
-            else:
-                self._checked = self.clock()
-                try:
-                    if self.skins.reload_if_changed():
-                        log.info("skins reloaded from %s", self.settings.paths.skins)
-                except Exception as e:  # noqa: BLE001 - the last good skins keep serving
-                    log.error("skin reload refused: %s", e)
-        return self.skins
-
-    def decisions(self, raw: bytes, claim: Claim) -> Decisions:
-        skin = self.settings.rewrap.default_skin or None
-        return Decisions(skin=skin)
+    # -- per message -------------------------------------------------------------------------------------
 
     def dkim_result(self, raw: bytes, queue_id: str) -> str | None:
         """The original signature's verdict, once per message, before the rewrap breaks it."""
-        if not self.settings.rewrap.verify_dkim:
-            return None
-        if queue_id in self._verified:
+        if not self.settings.rewrap.verify_dkim or queue_id in self._verified:
             return None
         head = split_message(raw)[0]
         result = "none" if b"dkim-signature:" not in head.lower() else verify_dkim(raw)
@@ -97,49 +131,123 @@ class Pipeline:
             self._verified.pop(next(iter(self._verified)))
         return result
 
+    def facts(self, raw: bytes, claim: Claim) -> MessageFacts:
+        """Parsed once per message, shared by its recipients."""
+        facts = self._facts.get(claim.queue_id)
+        if facts is None:
+            facts = MessageFacts.from_raw(
+                raw, source=claim.source, mail_from=claim.mail_from, client_addr=claim.client_addr or None
+            )
+            self._facts[claim.queue_id] = facts
+            while len(self._facts) > 64:
+                self._facts.popitem(last=False)
+        return facts
+
+    def decide(self, raw: bytes, claim: Claim) -> RuleDecision | None:
+        if self.book is None:
+            return None
+        return self.book.decide(self.facts(raw, claim), claim.address, self.ledger, self.wallclock())
+
+    def _transform(self, raw: bytes, claim: Claim, decisions: Decisions):
+        return transform_fail_open(
+            raw,
+            time_limit=self.settings.delivery.transform_time_limit,
+            recipient=claim.address,
+            queue_id=claim.queue_id,
+            decisions=decisions,
+            skins=self.skins or _EMPTY,
+            mail_from=claim.mail_from,
+            dkim_keys=self.dkim_keys,
+            dmarc_strict_domains=self.strict,
+            html_budget=self.settings.rewrap.html_budget,
+        )
+
     def __call__(self, raw: bytes, claim: Claim) -> Prepared:
         dkim = self.dkim_result(raw, claim.queue_id)
-        skins = self._fresh_skins()
-        decisions = self.decisions(raw, claim)
-        if skins is None:
-            decisions = Decisions(skin=None)
+        self.refresh()
+        errors = [e for e in (self.skins_error, self.rules_error) if e]
         try:
-            data, report = transform_fail_open(
-                raw,
-                time_limit=self.settings.delivery.transform_time_limit,
-                recipient=claim.address,
-                queue_id=claim.queue_id,
-                decisions=decisions,
-                skins=skins or _EMPTY,
-                mail_from=claim.mail_from,
-                dkim_keys=self.dkim_keys,
-                dmarc_strict_domains=self.strict,
-                html_budget=self.settings.rewrap.html_budget,
+            rd = self.decide(raw, claim)
+        except Exception as e:  # noqa: BLE001 - rules fail open too: the default skin, no blocks
+            log.exception("rules failed for %s", claim.queue_id)
+            metrics.transform_failures.labels(reason="rules").inc()
+            errors.append(f"rules failed: {type(e).__name__}: {e}"[:500])
+            rd = None
+        if rd is not None and rd.suppressed:
+            metrics.recipients_suppressed.inc()
+            return Prepared(
+                data=b"",
+                status=SUPPRESSED,
+                reply=rd.suppress_reason or "suppressed",
+                report={"rules": _rules_log(rd)},
+                dkim=dkim,
             )
+        decisions = (
+            rd.decisions if rd is not None else Decisions(skin=self.settings.rewrap.default_skin or None)
+        )
+        if self.skins is None:
+            decisions = replace(decisions, skin=None)
+        try:
+            data, report = self._transform(raw, claim, decisions)
+            shadow = self._transform(raw, claim, rd.shadow)[1] if rd is not None and rd.shadow else None
         except DkimSigningError as e:
             metrics.transform_failures.labels(reason="dkim_signing").inc()
             return Prepared(
                 data=raw, defer=f"4.7.0 DKIM signing failed, not sent unsigned: {e}"[:300], dkim=dkim
             )
         metrics.transform_actions.labels(action=report.action).inc()
-        error = None
         if report.action == "failed":
-            metrics.transform_failures.labels(
-                reason="exception" if "Timeout" not in report.reason else "time_limit"
-            ).inc()
-            error = report.reason
-        elif self.skins_error and report.action == "passthrough":
-            error = self.skins_error
+            reason = "time_limit" if "Timeout" in report.reason else "exception"
+            metrics.transform_failures.labels(reason=reason).inc()
+            errors.append(report.reason)
         if report.over_budget:
             metrics.transform_failures.labels(reason="over_budget").inc()
+        log_entry = report.to_dict()
+        if rd is not None:
+            log_entry["rules"] = _rules_log(rd)
+            if shadow is not None:
+                log_entry["shadow"] = shadow.to_dict() | {"rules": list(rd.shadow_rules)}
+        after_sent = None
+        if rd is not None and self.ledger is not None:
+
+            def after_sent(now: float, rd=rd, claim=claim) -> None:
+                rd.record(self.ledger, claim.address, claim.queue_id, now)
+
         return Prepared(
             data=data,
             skin=report.skin if report.action == "rewrapped" else None,
             blocks=tuple(report.blocks),
-            report=report.to_dict(),
-            error=error,
+            report=log_entry,
+            error="; ".join(errors) or None,
             dkim=dkim,
+            mail_from=rd.mail_from if rd is not None else None,
+            after_sent=after_sent,
         )
+
+    def record_sent(self, callbacks: list, now: float) -> None:
+        """Runs the after-sent bookkeeping of a group of recipients in one ledger transaction."""
+        if not callbacks or self.ledger is None:
+            return
+        with self.ledger.batch():
+            for cb in callbacks:
+                cb(now)
+
+
+def _rules_log(rd: RuleDecision) -> dict:
+    return {
+        "matched": list(rd.matched),
+        "category": rd.decisions.category,
+        "kind": rd.decisions.kind,
+        "versions": rd.versions,
+        "notes": list(rd.notes),
+        "canary": [list(c) for c in rd.canary],
+        "original_headers": [list(h) for h in rd.original_headers],
+        "products": list(rd.products_offered),
+    }
+
+
+def _count_rules_error(error) -> None:
+    metrics.reload_failures.labels(kind="rules").inc()
 
 
 class _EmptySkins:

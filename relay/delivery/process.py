@@ -21,16 +21,32 @@ def build_worker(settings: Settings, store=None):
     from relay.store.queue import Store
 
     if store is None:
-        store = Store(make_engine(settings.database.url, pool_size=2))
+        store = Store(make_engine(settings.database.url, pool_size=2, durable=False))
     if settings.upstream.host:
         upstream = SmtpUpstream(settings.upstream, settings.smtp.hostname)
     else:
         upstream = OutboxUpstream(settings.paths.outbox)
-    return Worker(settings, store, upstream, Pipeline(settings))
+    from relay.store.ledger import Ledger
+
+    return Worker(settings, store, upstream, Pipeline(settings, Ledger(store.engine)))
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event, parent_pid: int | None = None) -> None:
+async def run_worker(
+    settings: Settings, stop: asyncio.Event, parent_pid: int | None = None, wake_fd: int | None = None
+) -> None:
     worker = build_worker(settings)
+    loop = asyncio.get_running_loop()
+    if wake_fd is not None:
+
+        def on_wake() -> None:
+            try:
+                os.read(wake_fd, 4096)
+            except (BlockingIOError, OSError):
+                pass
+            worker.wake()
+
+        os.set_blocking(wake_fd, False)
+        loop.add_reader(wake_fd, on_wake)
 
     async def watch_parent():
         while parent_pid is not None and not stop.is_set():
@@ -44,10 +60,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event, parent_pid: int | 
         await worker.run(stop)
     finally:
         watcher.cancel()
+        if wake_fd is not None:
+            loop.remove_reader(wake_fd)
         worker.store.engine.dispose()
 
 
-def main(settings: Settings, index: int, parent_pid: int, log_level: int) -> None:
+def main(settings: Settings, index: int, parent_pid: int, log_level: int, wake=None) -> None:
     """Entry point of a worker process (multiprocessing spawn target)."""
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
@@ -58,7 +76,7 @@ def main(settings: Settings, index: int, parent_pid: int, log_level: int) -> Non
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_worker(settings, stop, parent_pid)
+        await run_worker(settings, stop, parent_pid, wake.fileno() if wake is not None else None)
 
     run_loop(_main())
 

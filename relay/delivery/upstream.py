@@ -42,9 +42,16 @@ class SmtpUpstream:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
         client = aiosmtplib.SMTP(
-            hostname=s.host, port=s.port, local_hostname=self.local_hostname, timeout=s.command_timeout,
-            use_tls=s.tls == "implicit", start_tls=s.tls == "starttls", tls_context=context,
-            validate_certs=s.verify_tls, username=s.username, password=s.password,
+            hostname=s.host,
+            port=s.port,
+            local_hostname=self.local_hostname,
+            timeout=s.command_timeout,
+            use_tls=s.tls == "implicit",
+            start_tls=s.tls == "starttls",
+            tls_context=context,
+            validate_certs=s.verify_tls,
+            username=s.username,
+            password=s.password,
         )
         try:
             await client.connect(timeout=s.connect_timeout)

@@ -38,6 +38,9 @@ class Prepared:
     status: str | None = None  # e.g. "suppressed": do not send
     defer: str | None = None  # e.g. DKIM signing failed: retry later rather than send unsigned
     dkim: str | None = None  # the original signature's verdict, recorded once per message
+    reply: str | None = None  # the log's text for a recipient not sent (e.g. why it is suppressed)
+    mail_from: str | None = None  # envelope sender the rules set (bounces to the brand); None: keep it
+    after_sent: Callable[[float], None] | None = None  # bookkeeping once upstream took it (caps, follow-ups)
 
 
 Prepare = Callable[[bytes, Claim], Prepared]
@@ -62,9 +65,14 @@ class Worker:
         self.name = name or worker_name()
         self.inflight: dict[int, asyncio.Task] = {}
         self.outcomes: list[Outcome] = []
+        self.after_sent: list[Callable[[float], None]] = []
         self._raw_cache: OrderedDict[str, bytes] = OrderedDict()
         self._wake = asyncio.Event()
         self.delivered = 0
+
+    def wake(self) -> None:
+        """New mail was queued: look now rather than at the next poll."""
+        self._wake.set()
 
     # -- main loop --------------------------------------------------------------------------------------
 
@@ -76,27 +84,24 @@ class Worker:
         ]
         try:
             while not stop.is_set():
+                self._wake.clear()  # before claiming: a wake-up during the claim is not lost
                 free = self.d.concurrency - len(self.inflight)
+                want = min(free, self.d.batch_size)
                 claims: list[Claim] = []
-                if free > 0:
+                if want > 0:
                     try:
                         claims = await asyncio.to_thread(
-                            self.store.claim,
-                            self.name,
-                            min(free, self.d.batch_size),
-                            self.d.lease,
-                            self.clock(),
+                            self.store.claim, self.name, want, self.d.lease, self.clock()
                         )
                     except Exception as e:  # noqa: BLE001 - store down: wait and try again
                         log.warning("claim failed: %s", e)
                 for c in claims:
                     self.inflight[c.id] = asyncio.create_task(self._handle(c))
-                if not claims or free <= len(claims):
-                    self._wake.clear()
+                # Claim again at once only when a full batch came and slots are left; otherwise sleep
+                # until new mail is committed or a delivery frees a slot (both wake us), or the poll.
+                if want == 0 or len(claims) < want or free - len(claims) <= 0:
                     try:
-                        await asyncio.wait_for(
-                            self._wake.wait(), self.d.poll_interval if not claims else 0.01
-                        )
+                        await asyncio.wait_for(self._wake.wait(), self.d.poll_interval)
                     except TimeoutError:
                         pass
             await self.drain()
@@ -138,6 +143,13 @@ class Worker:
         except Exception:
             self.outcomes[:0] = batch  # keep them; the next flush tries again
             raise
+        callbacks, self.after_sent = self.after_sent, []
+        record_sent = getattr(self.prepare, "record_sent", None)
+        if callbacks and record_sent is not None:
+            try:
+                await asyncio.to_thread(record_sent, callbacks, self.clock())
+            except Exception as e:  # noqa: BLE001 - caps bookkeeping must never hold mail back
+                log.error("after-sent bookkeeping of %d recipients failed: %s", len(callbacks), e)
 
     # -- one recipient ---------------------------------------------------------------------------------
 
@@ -153,7 +165,10 @@ class Worker:
 
     async def _handle(self, claim: Claim) -> None:
         try:
-            self.outcomes.append(await self._deliver(claim))
+            # Not `self.outcomes.append(await ...)`: that binds the list before the await, and flush()
+            # swaps the list meanwhile, which silently lost outcomes (and re-sent their mail later).
+            outcome = await self._deliver(claim)
+            self.outcomes.append(outcome)
         except Exception as e:  # noqa: BLE001 - never lose the recipient: defer it with the reason
             log.exception("delivery of %s to %s crashed", claim.queue_id, claim.address)
             self.outcomes.append(self._outcome(claim, Reply(451, f"4.3.0 local error: {type(e).__name__}")))
@@ -181,24 +196,25 @@ class Worker:
         started = time.perf_counter()
         prepared = self.prepare(raw, claim)
         metrics.transform_seconds.observe(time.perf_counter() - started)
-        if prepared.error or prepared.dkim:
-            await asyncio.to_thread(self.store.annotate, claim.queue_id, prepared.error, prepared.dkim)
         if prepared.status:
             return Outcome(
                 claim.id,
                 claim.queue_id,
                 claim.address,
                 prepared.status,
-                prepared.status,
+                prepared.reply or prepared.status,
                 skin=prepared.skin,
                 blocks=prepared.blocks,
                 report=prepared.report,
+                transform_error=prepared.error,
+                dkim=prepared.dkim,
             )
         if prepared.defer:
             return self._outcome(claim, Reply(451, prepared.defer), prepared)
         started = time.perf_counter()
         try:
-            reply = await self.upstream.send(claim.mail_from, claim.address, prepared.data)
+            mail_from = prepared.mail_from if prepared.mail_from is not None else claim.mail_from
+            reply = await self.upstream.send(mail_from, claim.address, prepared.data)
         except UpstreamError as e:
             reply = Reply(451, f"4.4.1 {e}")
         metrics.delivery_seconds.observe(time.perf_counter() - started)
@@ -209,12 +225,20 @@ class Worker:
         action = classify(reply, self.d)
         extra = {}
         if prepared is not None:
-            extra = {"skin": prepared.skin, "blocks": prepared.blocks, "report": prepared.report}
+            extra = {
+                "skin": prepared.skin,
+                "blocks": prepared.blocks,
+                "report": prepared.report,
+                "transform_error": prepared.error,
+                "dkim": prepared.dkim,
+            }
         if action == SENT:
             metrics.recipients_delivered.inc()
             self.delivered += 1
             for block in prepared.blocks if prepared else ():
                 metrics.crosssell_injected.labels(block=block).inc()
+            if prepared is not None and prepared.after_sent is not None:
+                self.after_sent.append(prepared.after_sent)
             return Outcome(claim.id, claim.queue_id, claim.address, SENT_STATUS, str(reply), **extra)
         if action == FAIL:
             metrics.recipients_failed.labels(reason="rejected").inc()

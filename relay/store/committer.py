@@ -32,6 +32,7 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="relay-commit", daemon=True)
         self.groups = 0
         self.committed = 0
+        self.on_commit = None  # called (in the commit thread) after each group with new mail in it
 
     def start(self) -> None:
         self._thread.start()
@@ -103,3 +104,8 @@ class GroupCommitter:
                 fut.set_exception(err)
         with self._lock:
             self._pending -= len(group)
+        if self.on_commit is not None and any(err is None for err in results):
+            try:
+                self.on_commit()
+            except Exception:  # noqa: BLE001 - a wake-up is a hint, never a reason to fail intake
+                log.exception("on_commit hook failed")

@@ -67,6 +67,8 @@ class Claim:
     attempts: int
     mail_from: str
     received_at: float
+    source: str = ""
+    client_addr: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Outcome:
     blocks: tuple[str, ...] = ()
     report: dict | None = None
     detail: str | None = None
+    transform_error: str | None = None  # recorded on the message: why the transform failed open
+    dkim: str | None = None  # recorded on the message: the original signature's verdict
 
 
 def _key(address: str) -> str:
@@ -195,6 +199,8 @@ class Store:
                 recipients.c.attempts,
                 messages.c.mail_from,
                 messages.c.received_at,
+                messages.c.source,
+                messages.c.client_addr,
             )
             .join(messages, messages.c.queue_id == recipients.c.queue_id)
             .where(recipients.c.id.in_(claimed))
@@ -277,6 +283,21 @@ class Store:
                 for o in outcomes
             ],
         )
+        notes = [
+            {"b_qid": o.queue_id, "b_err": (o.transform_error or "")[:2000] or None, "b_dkim": o.dkim}
+            for o in outcomes
+            if o.transform_error or (o.dkim and o.dkim != "none")
+        ]
+        if notes:
+            conn.execute(
+                update(messages)
+                .where(messages.c.queue_id == bindparam("b_qid"))
+                .values(
+                    transform_error=func.coalesce(bindparam("b_err"), messages.c.transform_error),
+                    dkim=func.coalesce(bindparam("b_dkim"), messages.c.dkim),
+                ),
+                notes,
+            )
         return written
 
     def recover_expired(self, max_crashes: int, now: float | None = None, *, all_active: bool = False) -> int:
@@ -324,18 +345,6 @@ class Store:
                 ],
             )
         return len(rows)
-
-    def annotate(self, queue_id: str, transform_error: str | None = None, dkim: str | None = None) -> None:
-        """Records on the message what the worker learnt: a fail-open reason, the DKIM verdict."""
-        values = {}
-        if transform_error:
-            values["transform_error"] = transform_error[:2000]
-        if dkim:
-            values["dkim"] = dkim[:16]
-        if values:
-            self._run(
-                lambda c: c.execute(update(messages).where(messages.c.queue_id == queue_id).values(**values))
-            )
 
     # -- inspection -------------------------------------------------------------------------------------
 

@@ -1,0 +1,393 @@
+"""The rules ledger: suppressions, the offers log and sends log behind the caps, scheduled follow-ups.
+
+Tables come from migration 0002. Addresses are keyed lower-cased. Times are UTC epoch seconds (float).
+Every method is one short transaction and works on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from relay.store.database import StoreError
+
+metadata = MetaData()
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("address_key", String(320), primary_key=True),
+    Column("address", Text, nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+)
+offers = Table(
+    "offers",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("address_key", String(320), nullable=False),
+    Column("queue_id", String(32), nullable=False),
+    Column("block", String(64), nullable=False),
+    Column("product", String(128), nullable=False),
+    Column("at", Double, nullable=False),
+)
+rule_sends = Table(
+    "rule_sends",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("address_key", String(320), nullable=False),
+    Column("queue_id", String(32), nullable=False),
+    Column("category", String(32), nullable=False),
+    Column("kind", String(64), nullable=True),
+    Column("rules_version", String(32), nullable=True),
+    Column("at", Double, nullable=False),
+)
+followups = Table(
+    "followups", metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("address_key", String(320), nullable=False),
+    Column("address", Text, nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("queue_id", String(32), nullable=False),
+    Column("due_at", Double, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("result", Text, nullable=True),
+    UniqueConstraint("queue_id", "address_key", "name", name="uq_followups_origin"),
+)  # fmt: skip
+
+PENDING, DONE, CANCELLED = "pending", "done", "cancelled"
+
+
+def key(address: str) -> str:
+    return address.strip().strip("<>").lower()
+
+
+@dataclass(frozen=True)
+class Suppression:
+    address: str
+    reason: str
+    source: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Followup:
+    id: int
+    address: str
+    name: str
+    queue_id: str  # the message that triggered it
+    due_at: float
+    status: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class Ledger:
+    """What the rules remember per recipient. ``Ledger(engine)`` on a migrated database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._local = threading.local()
+
+    @contextmanager
+    def batch(self):
+        """Runs the ledger calls made inside in one transaction (one fsync for a worker's whole group)."""
+        try:
+            with self.engine.begin() as conn:
+                self._local.conn = conn
+                try:
+                    yield self
+                finally:
+                    self._local.conn = None
+        except SQLAlchemyError as e:
+            raise StoreError(f"ledger: {e.__class__.__name__}: {e}") from e
+
+    def _run(self, fn):  # noqa: ANN001, ANN202
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return fn(conn)
+        try:
+            with self.engine.begin() as conn:
+                return fn(conn)
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as e:
+            raise StoreError(f"ledger: {e.__class__.__name__}: {e}") from e
+
+    # -- suppressions ---------------------------------------------------------------------------------
+
+    def add_suppression(self, address: str, *, reason: str = "manual", source: str = "", now: float) -> bool:
+        """Suppress marketing to ``address`` and cancel its pending follow-ups. False if already there."""
+        k = key(address)
+
+        def tx(conn):  # noqa: ANN001, ANN202
+            conn.execute(
+                update(followups)
+                .where(and_(followups.c.address_key == k, followups.c.status == PENDING))
+                .values(status=CANCELLED, updated_at=now, result=f"unsubscribed ({reason})")
+            )
+            if conn.execute(
+                select(suppressions.c.address_key).where(suppressions.c.address_key == k)
+            ).first():
+                return False
+            conn.execute(
+                insert(suppressions).values(
+                    address_key=k, address=address.strip(), reason=reason[:64], source=source, created_at=now
+                )
+            )
+            return True
+
+        try:
+            return self._run(tx)
+        except IntegrityError:  # a concurrent add of the same address
+            return False
+
+    def remove_suppression(self, address: str) -> bool:
+        return bool(
+            self._run(
+                lambda c: (
+                    c.execute(delete(suppressions).where(suppressions.c.address_key == key(address))).rowcount
+                )
+            )
+        )
+
+    def is_suppressed(self, address: str) -> bool:
+        return (
+            self._run(
+                lambda c: c.execute(
+                    select(suppressions.c.address_key).where(suppressions.c.address_key == key(address))
+                ).first()
+            )
+            is not None
+        )
+
+    def list_suppressions(self, *, like: str | None = None, limit: int = 1000) -> list[Suppression]:
+        q = select(suppressions).order_by(suppressions.c.created_at.desc(), suppressions.c.address_key)
+        if like:
+            q = q.where(suppressions.c.address_key.contains(like.lower(), autoescape=True))
+        rows = self._run(lambda c: c.execute(q.limit(limit)).all())
+        return [Suppression(r.address, r.reason, r.source, r.created_at) for r in rows]
+
+    # -- offers and sends (caps) ---------------------------------------------------------------------------
+
+    def record_offers(
+        self, address: str, queue_id: str, products: Iterable[str], at: float, block: str = ""
+    ) -> None:
+        rows = [
+            dict(address_key=key(address), queue_id=queue_id, block=block, product=p, at=at)
+            for p in dict.fromkeys(products)
+        ]
+        if rows:
+            self._run(lambda c: c.execute(insert(offers), rows))
+
+    def offer_count(self, address: str, product: str, since: float) -> int:
+        return self._run(
+            lambda c: c.execute(
+                select(func.count())
+                .select_from(offers)
+                .where(
+                    and_(
+                        offers.c.address_key == key(address),
+                        offers.c.product == product,
+                        offers.c.at >= since,
+                    )
+                )
+            ).scalar_one()
+        )
+
+    def offer_counts(self, address: str, since: float) -> dict[str, int]:
+        """Offers per product to ``address`` since ``since`` (one query for a whole block)."""
+        rows = self._run(
+            lambda c: c.execute(
+                select(offers.c.product, func.count())
+                .where(and_(offers.c.address_key == key(address), offers.c.at >= since))
+                .group_by(offers.c.product)
+            ).all()
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    def offers_for(self, address: str, limit: int = 200) -> list[tuple[str, str, str, float]]:
+        """(queue_id, block, product, at) offered to ``address``, newest first (for `relay history`)."""
+        rows = self._run(
+            lambda c: c.execute(
+                select(offers.c.queue_id, offers.c.block, offers.c.product, offers.c.at)
+                .where(offers.c.address_key == key(address))
+                .order_by(offers.c.at.desc(), offers.c.id.desc())
+                .limit(limit)
+            ).all()
+        )
+        return [(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+    def record_send(
+        self,
+        address: str,
+        queue_id: str,
+        category: str,
+        at: float,
+        *,
+        kind: str | None = None,
+        rules_version: str | None = None,
+    ) -> None:
+        self._run(
+            lambda c: c.execute(
+                insert(rule_sends).values(
+                    address_key=key(address),
+                    queue_id=queue_id,
+                    category=category,
+                    kind=kind,
+                    rules_version=rules_version,
+                    at=at,
+                )
+            )
+        )
+
+    def marketing_count(self, address: str, since: float) -> int:
+        return self._run(
+            lambda c: c.execute(
+                select(func.count())
+                .select_from(rule_sends)
+                .where(
+                    and_(
+                        rule_sends.c.address_key == key(address),
+                        rule_sends.c.category == "marketing",
+                        rule_sends.c.at >= since,
+                    )
+                )
+            ).scalar_one()
+        )
+
+    # -- follow-ups ---------------------------------------------------------------------------------------
+
+    def schedule_followup(
+        self,
+        address: str,
+        name: str,
+        queue_id: str,
+        due_at: float,
+        *,
+        payload: dict[str, Any] | None = None,
+        now: float,
+    ) -> int | None:
+        """Schedule; None when this message already scheduled this follow-up for this address."""
+        values = dict(
+            address_key=key(address),
+            address=address.strip(),
+            name=name,
+            queue_id=queue_id,
+            due_at=due_at,
+            status=PENDING,
+            payload=json.dumps(payload or {}, ensure_ascii=False),
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            return self._run(lambda c: c.execute(insert(followups).values(**values)).inserted_primary_key[0])
+        except IntegrityError:
+            return None
+
+    def due_followups(self, now: float, limit: int = 100) -> list[Followup]:
+        rows = self._run(
+            lambda c: c.execute(
+                select(followups)
+                .where(and_(followups.c.status == PENDING, followups.c.due_at <= now))
+                .order_by(followups.c.due_at, followups.c.id)
+                .limit(limit)
+            ).all()
+        )
+        return [_followup(r) for r in rows]
+
+    def followups_for(self, address: str) -> list[Followup]:
+        rows = self._run(
+            lambda c: c.execute(
+                select(followups).where(followups.c.address_key == key(address)).order_by(followups.c.id)
+            ).all()
+        )
+        return [_followup(r) for r in rows]
+
+    def mark_followup_done(self, followup_id: int, now: float, result: str = "queued") -> bool:
+        """Done (e.g. queued as a new message). False if it was no longer pending (another worker took it)."""
+        return self._set_status(followup_id, DONE, now, result)
+
+    def cancel_followup(self, followup_id: int, now: float, reason: str = "cancelled") -> bool:
+        return self._set_status(followup_id, CANCELLED, now, reason)
+
+    def retry_followup(self, followup_id: int, due_at: float, now: float, reason: str = "retry") -> bool:
+        """Back to pending at ``due_at`` (e.g. enqueueing failed after the follow-up was claimed)."""
+        return bool(
+            self._run(
+                lambda c: (
+                    c.execute(
+                        update(followups)
+                        .where(followups.c.id == followup_id)
+                        .values(status=PENDING, due_at=due_at, updated_at=now, result=reason)
+                    ).rowcount
+                )
+            )
+        )
+
+    def set_followup_result(self, followup_id: int, result: str, now: float) -> None:
+        self._run(
+            lambda c: c.execute(
+                update(followups).where(followups.c.id == followup_id).values(result=result, updated_at=now)
+            )
+        )
+
+    def cancel_followups(self, address: str, now: float, reason: str = "cancelled") -> int:
+        return self._run(
+            lambda c: (
+                c.execute(
+                    update(followups)
+                    .where(and_(followups.c.address_key == key(address), followups.c.status == PENDING))
+                    .values(status=CANCELLED, updated_at=now, result=reason)
+                ).rowcount
+            )
+        )
+
+    def _set_status(self, followup_id: int, status: str, now: float, result: str) -> bool:
+        return bool(
+            self._run(
+                lambda c: (
+                    c.execute(
+                        update(followups)
+                        .where(and_(followups.c.id == followup_id, followups.c.status == PENDING))
+                        .values(status=status, updated_at=now, result=result)
+                    ).rowcount
+                )
+            )
+        )
+
+
+def _followup(r: Any) -> Followup:
+    try:
+        payload = json.loads(r.payload or "{}")
+    except ValueError:
+        payload = {}
+    return Followup(int(r.id), r.address, r.name, r.queue_id, float(r.due_at), r.status, payload)

@@ -15,13 +15,17 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 from relay import metrics
 from relay.config import ConfigError, Settings
 from relay.intake.server import IntakeHandler, RelaySMTP
+from relay.rules import RuleBook, load_or_create_secret
+from relay.rules.scheduler import run_due_followups
 from relay.store.committer import GroupCommitter
 from relay.store.database import is_sqlite, make_engine, migrate
-from relay.store.queue import Store
+from relay.store.ledger import Ledger
+from relay.store.queue import NewMessage, Store, new_queue_id
 from relay.web.http import HttpApp, HttpServer
 
 log = logging.getLogger(__name__)
@@ -30,10 +34,14 @@ SHUTDOWN_BUDGET = 10.0
 
 
 class Relay:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time):
         self.settings = settings
+        self.clock = clock  # the follow-up scheduler's clock (tests move it forward)
         self.engine = make_engine(settings.database.url)
         self.store = Store(self.engine)
+        self.ledger = Ledger(self.engine)
+        self.book: RuleBook | None = None
+        self._scheduler: asyncio.Task | None = None
         self.committer = GroupCommitter(self.store)
         self.handler = IntakeHandler(settings.smtp, self.committer)
         self.server: asyncio.base_events.Server | None = None
@@ -83,11 +91,14 @@ class Relay:
             )
         if s.http.listen:
             self.http = HttpServer(
-                s.http.listen.host, s.http.listen.port, HttpApp(self.store.depth, self.health)
+                s.http.listen.host,
+                s.http.listen.port,
+                HttpApp(self.store.depth, self.health, mounts=[self._unsubscribe_app()]),
             )
             self.http.start()
         self._start_workers()
         self._supervisor = asyncio.create_task(self._supervise())
+        self._scheduler = asyncio.create_task(self._schedule_followups())
         log.info(
             "relay ready: smtp %s, http %s, %d worker process(es), upstream %s, store %s",
             s.smtp.listen,
@@ -96,6 +107,62 @@ class Relay:
             f"{s.upstream.host}:{s.upstream.port}" if s.upstream.host else f"outbox {s.paths.outbox}",
             self.engine.url.render_as_string(hide_password=True),
         )
+
+    def _unsubscribe_app(self):
+        from relay.web.unsubscribe import UnsubscribeApp
+
+        def unsubscribed(address: str) -> None:
+            metrics.unsubscribes.inc()
+            log.info("unsubscribed: %s", address)
+
+        secret = load_or_create_secret(self.settings.paths.secret)
+        return UnsubscribeApp(self.ledger, secret, on_unsubscribe=unsubscribed)
+
+    async def _schedule_followups(self, every: float = 2.0) -> None:
+        """Turns due follow-ups into queued messages (rendered by the rules, delivered like any other)."""
+        rules = self.settings.paths.rules
+        while not self.stopping:
+            await asyncio.sleep(every)
+            try:
+                if self.book is None:
+                    if not rules.is_dir():
+                        continue
+                    self.book = await asyncio.to_thread(
+                        RuleBook.load,
+                        rules,
+                        secret=load_or_create_secret(self.settings.paths.secret),
+                        public_url=self.settings.http.base_url,
+                    )
+                else:
+                    await asyncio.to_thread(self.book.reload_if_changed)
+                counts = await asyncio.to_thread(
+                    run_due_followups, self.book, self.ledger, self._enqueue_followup, self.clock()
+                )
+                if any(counts.values()):
+                    log.info("follow-ups: %s", counts)
+            except Exception as e:  # noqa: BLE001 - the scheduler must outlive a broken rule or store
+                log.error("follow-up scheduling failed: %s", e)
+
+    def _enqueue_followup(self, raw: bytes, rcpt: str, mail_from: str) -> str:
+        from relay.intake.server import _summary
+
+        now = time.time()
+        message_id, subject = _summary(raw)
+        msg = NewMessage(
+            queue_id=new_queue_id(now),
+            mail_from=mail_from,
+            recipients=(rcpt,),
+            raw=raw,
+            source="relay-followup",
+            client_addr="127.0.0.1",
+            helo=self.settings.smtp.hostname,
+            message_id=message_id,
+            subject=subject,
+            received_at=now,
+        )
+        self.store.enqueue([msg])
+        self._wake_workers()
+        return msg.queue_id
 
     def _protocol(self, implicit_tls: bool = False) -> RelaySMTP:
         s = self.settings.smtp
@@ -218,8 +285,9 @@ class Relay:
             if server is not None:
                 server.close()
         await self.handler.drain(timeout=SHUTDOWN_BUDGET * 0.5)
-        if self._supervisor:
-            self._supervisor.cancel()
+        for task in (self._supervisor, self._scheduler):
+            if task:
+                task.cancel()
         for p in self.processes:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)

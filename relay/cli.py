@@ -68,8 +68,9 @@ def cmd_history(args) -> int:
     for e in entries:
         print(f"{_when(e['received_at'])}  {e['status']:<10} {e['queue_id']}  {e['subject'][:70]}")
         print(f"    from <{e['mail_from']}> via {e['source']}  message-id {e['message_id'] or '-'}")
-        if e["skin"] or e["blocks"]:
-            print(f"    skin {e['skin'] or '-'}  blocks {', '.join(e['blocks']) or '-'}")
+        if e["skin"] or e["blocks"] or e["category"]:
+            print(f"    {e['category'] or '-'}/{e['kind'] or '-'}  skin {e['skin'] or '-'}  "
+                  f"blocks {', '.join(e['blocks']) or '-'}  products {', '.join(e['products']) or '-'}")
         if e["upstream_reply"]:
             print(f"    upstream: {e['upstream_reply']}")
         for ev in reversed(e["events"]):
@@ -147,11 +148,95 @@ def cmd_check(args) -> int:
         load_dkim_keys(settings)
     except config.ConfigError as e:
         errors.append(str(e))
+    rules = "none"
+    if settings.paths.rules.is_dir():
+        from relay.rules import check as check_rules
+
+        rule_errors = check_rules(settings.paths.rules)  # the skins were checked above
+        errors.extend(rule_errors)
+        rules = "errors" if rule_errors else str(settings.paths.rules)
     for line in errors:
         print(line, file=sys.stderr)
     if errors:
         return 1
-    print(f"{settings.source}: ok (skins: {names})")
+    print(f"{settings.source}: ok (skins: {names}; rules: {rules})")
+    return 0
+
+
+def cmd_suppress(args) -> int:
+    from relay.rules import cli_commands
+
+    store = _store(_settings(args))
+    return cli_commands.run(args, store.engine)
+
+
+def cmd_replay(args) -> int:
+    """Re-renders a logged message with today's rules and skins (or another skin), for review."""
+    from pathlib import Path
+
+    from relay.delivery.pipeline import load_dkim_keys
+    from relay.rules import MessageFacts, RuleBook, RuleError, load_or_create_secret
+    from relay.transform import Decisions, SkinError, SkinLibrary, transform
+
+    settings = _settings(args)
+    store = _store(settings)
+    found = store.message(args.queue_id)
+    if found is None:
+        print(f"relay replay: no message {args.queue_id} in {settings.database.url}", file=sys.stderr)
+        return 2
+    meta, rcpts = found
+    rcpt = args.rcpt or (rcpts[0] if rcpts else "client@example.org")
+    try:
+        skins = SkinLibrary.load(settings.paths.skins)
+        decisions = Decisions(skin=settings.rewrap.default_skin or None)
+        matched: list[str] = []
+        versions: dict = {}
+        if settings.paths.rules.is_dir():
+            book = RuleBook.load(
+                settings.paths.rules,
+                secret=load_or_create_secret(settings.paths.secret),
+                public_url=settings.http.base_url,
+            )
+            facts = MessageFacts.from_raw(
+                meta["raw"],
+                source=meta["source"],
+                mail_from=meta["mail_from"],
+                client_addr=meta["client_addr"],
+            )
+            rd = book.decide(facts, rcpt, None, meta["received_at"])  # no ledger: a replay sends nothing
+            decisions, matched, versions = rd.decisions, list(rd.matched), rd.versions
+    except (SkinError, RuleError) as e:
+        print(f"relay replay: {e}", file=sys.stderr)
+        return 1
+    if args.skin:
+        if args.skin not in skins:
+            print(f"relay replay: no skin {args.skin!r} (have: {', '.join(skins.names())})", file=sys.stderr)
+            return 2
+        from dataclasses import replace
+
+        decisions = replace(decisions, skin=args.skin)
+    out, report = transform(
+        meta["raw"],
+        recipient=rcpt,
+        queue_id=args.queue_id,
+        decisions=decisions,
+        skins=skins,
+        mail_from=meta["mail_from"],
+        dkim_keys=load_dkim_keys(settings),
+        html_budget=settings.rewrap.html_budget,
+    )
+    if args.output and args.output.endswith(".html"):
+        out = _html_of(out)
+    if args.output:
+        Path(args.output).write_bytes(out)
+    else:
+        sys.stdout.buffer.write(out)
+    print(
+        f"replay {args.queue_id} for {rcpt}: {report.action} skin={report.skin}@{report.skin_version} "
+        f"blocks={','.join(report.blocks) or '-'} rules={','.join(matched) or '-'} "
+        f"versions={versions}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -268,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_config(sub.add_parser("check", help="validate the configuration, skins and keys"))
     c.set_defaults(fn=cmd_check)
+
+    from relay.rules import cli_commands
+
+    sp = cli_commands.add_subparsers(sub)
+    sp.add_argument("--config", "-c", help="TOML config file")
+    sp.set_defaults(fn=cmd_suppress)
+
+    rp = with_config(sub.add_parser("replay", help="re-render a logged message with today's files"))
+    rp.add_argument("queue_id")
+    rp.add_argument("--skin", help="render with this skin instead of the one the rules choose")
+    rp.add_argument("--rcpt", help="render for this recipient (default: the message's first)")
+    rp.add_argument("-o", "--output", help="write here; a name ending in .html writes the HTML part alone")
+    rp.set_defaults(fn=cmd_replay)
 
     hp = sub.add_parser("hash-password", help="hash a password read from stdin for [[smtp.users]]")
     hp.set_defaults(fn=cmd_hash_password)

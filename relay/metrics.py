@@ -38,6 +38,7 @@ delivery_seconds = Histogram(
 intake_seconds = Histogram(
     "relay_intake_seconds", "End of DATA to the 250 reply (store commit)", buckets=LATENCY_BUCKETS
 )
+unsubscribes = Counter("relay_unsubscribes_total", "Unsubscriptions recorded through /unsubscribe")
 reload_failures = Counter(
     "relay_reload_failures_total",
     "Edits of skins/ or rules/ refused (the last good version keeps serving)",

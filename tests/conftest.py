@@ -161,8 +161,9 @@ def make_settings(tmp_path: Path, db_url: str, upstream_port: int | None, **sect
 class RelayThread:
     """The relay on its own event loop in a thread, so tests can use blocking smtplib against it."""
 
-    def __init__(self, settings: config.Settings):
+    def __init__(self, settings: config.Settings, clock=time.time):
         self.settings = settings
+        self.clock = clock
         self.relay: Relay | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -173,7 +174,7 @@ class RelayThread:
 
         def run():
             self.loop = asyncio.new_event_loop()
-            self.relay = Relay(self.settings)
+            self.relay = Relay(self.settings, clock=lambda: self.clock())
             try:
                 self.loop.run_until_complete(self.relay.start())
             except BaseException as e:  # noqa: BLE001

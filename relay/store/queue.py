@@ -425,6 +425,7 @@ class Store:
                     "transform_error": r["transform_error"],
                     "updated_at": r["updated_at"],
                     "events": evs.get(r["queue_id"], []),
+                    **_shaping(r["report"]),
                 }
                 for r in rows
             ]
@@ -527,6 +528,26 @@ class Store:
 
         return self._run(q)
 
+    def message(self, queue_id: str) -> tuple[dict, list[str]] | None:
+        """The stored message (raw and envelope) and its recipients, for replay and the console."""
+
+        def q(conn):
+            row = conn.execute(select(messages).where(messages.c.queue_id == queue_id)).mappings().first()
+            if row is None:
+                return None
+            rcpts = (
+                conn.execute(
+                    select(recipients.c.address)
+                    .where(recipients.c.queue_id == queue_id)
+                    .order_by(recipients.c.id)
+                )
+                .scalars()
+                .all()
+            )
+            return dict(row), list(rcpts)
+
+        return self._run(q)
+
     def counts(self) -> dict[str, int]:
         rows = self._run(
             lambda c: c.execute(select(recipients.c.status, func.count()).group_by(recipients.c.status)).all()
@@ -556,6 +577,24 @@ class Store:
             return len(ids)
 
         return self._run(q)
+
+
+def _shaping(report_json: str | None) -> dict:
+    """What shaped the message, from the stored transform report: category, products, file versions."""
+    try:
+        report = json.loads(report_json) if report_json else {}
+    except ValueError:
+        report = {}
+    rules = report.get("rules") or {}
+    return {
+        "category": rules.get("category"),
+        "kind": rules.get("kind"),
+        "products": rules.get("products", []),
+        "rules_matched": rules.get("matched", []),
+        "versions": {"skin": report.get("skin_version"), **(rules.get("versions") or {})},
+        "transform": report.get("action"),
+        "shadow": report.get("shadow"),
+    }
 
 
 def _ids_in(selector: Sequence[str]):

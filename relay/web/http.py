@@ -34,12 +34,16 @@ class _QuietHandler(WSGIRequestHandler):
 class HttpApp:
     """WSGI application. ``health`` returns None when healthy, else the reason."""
 
-    def __init__(self, depth: Callable[[], dict], health: Callable[[], str | None]):
+    def __init__(self, depth: Callable[[], dict], health: Callable[[], str | None], mounts=()):
         self.depth = depth
         self.health = health
+        self.mounts = list(mounts)  # WSGI apps with .matches(path): /unsubscribe, /admin
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")
+        for app in self.mounts:
+            if app.matches(path):
+                return app(environ, start_response)
         if path == "/metrics":
             body = metrics.exposition(self.depth)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])

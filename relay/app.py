@@ -93,7 +93,7 @@ class Relay:
             self.http = HttpServer(
                 s.http.listen.host,
                 s.http.listen.port,
-                HttpApp(self.store.depth, self.health, mounts=[self._unsubscribe_app()]),
+                HttpApp(self.store.depth, self.health, mounts=[self._unsubscribe_app(), self._admin_app()]),
             )
             self.http.start()
         self._start_workers()
@@ -107,6 +107,11 @@ class Relay:
             f"{s.upstream.host}:{s.upstream.port}" if s.upstream.host else f"outbox {s.paths.outbox}",
             self.engine.url.render_as_string(hide_password=True),
         )
+
+    def _admin_app(self):
+        from relay.web.admin import AdminApp
+
+        return AdminApp(self.store, self.settings, users=dict(self.settings.http.admin_users))
 
     def _unsubscribe_app(self):
         from relay.web.unsubscribe import UnsubscribeApp
@@ -305,6 +310,9 @@ class Relay:
                 p.join(1)
             metrics.mark_process_dead(p.pid)
         await asyncio.to_thread(self.committer.stop)
+        if self.committer.groups:
+            log.info("intake committed %d messages in %d transactions", self.committer.committed,
+                     self.committer.groups)
         for fd in self._wake_fds.values():
             os.close(fd)
         self._wake_fds.clear()

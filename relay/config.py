@@ -164,6 +164,8 @@ class HttpSettings:
     # How customers reach /unsubscribe (List-Unsubscribe links): the public https URL of this listener,
     # e.g. behind a reverse proxy. Default: http://<listen>, fine for tests and a local trial only.
     public_url: str | None = None
+    # /admin users (name -> hash from `relay hash-password`); none: the console answers loopback only
+    admin_users: tuple[tuple[str, str], ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -438,8 +440,16 @@ def from_mapping(data: dict[str, Any], source: str = "<config>", base: Path | No
     public_url = h.get("public_url", str, None)
     if public_url is not None and not re.match(r"https?://[^/\s]+", public_url):
         raise ConfigError(source, "http.public_url", f"expected an http(s) URL, got {public_url!r}")
+    admins = h.get("admin_users", dict, {})
+    for name, value in admins.items():
+        if not isinstance(value, str) or not value.startswith("scrypt$"):
+            raise ConfigError(
+                source, f"http.admin_users.{name}", "expected a hash from `relay hash-password`"
+            )
     http = HttpSettings(
-        listen=_parse_hostport(source, "http.listen", listen, 9101) if listen else None, public_url=public_url
+        listen=_parse_hostport(source, "http.listen", listen, 9101) if listen else None,
+        public_url=public_url,
+        admin_users=tuple(admins.items()),
     )
     h.done()
 

@@ -25,6 +25,8 @@ from relay.store.schema import SENT as SENT_STATUS
 
 log = logging.getLogger(__name__)
 
+CLAIM_GATHER = 0.005  # seconds a woken worker waits before claiming, so claims come in batches
+
 
 @dataclass
 class Prepared:
@@ -95,6 +97,8 @@ class Worker:
                         )
                     except Exception as e:  # noqa: BLE001 - store down: wait and try again
                         log.warning("claim failed: %s", e)
+                if claims:
+                    await self._prefetch(claims)
                 for c in claims:
                     self.inflight[c.id] = asyncio.create_task(self._handle(c))
                 # Claim again at once only when a full batch came and slots are left; otherwise sleep
@@ -102,6 +106,8 @@ class Worker:
                 if want == 0 or len(claims) < want or free - len(claims) <= 0:
                     try:
                         await asyncio.wait_for(self._wake.wait(), self.d.poll_interval)
+                        # Let a few more commits land: one claim for several messages, not one each.
+                        await asyncio.sleep(CLAIM_GATHER)
                     except TimeoutError:
                         pass
             await self.drain()
@@ -153,14 +159,29 @@ class Worker:
 
     # -- one recipient ---------------------------------------------------------------------------------
 
+    async def _prefetch(self, claims: list[Claim]) -> None:
+        """One query for the raw bytes of a whole batch (not one per recipient)."""
+        missing = [c.queue_id for c in claims if c.queue_id not in self._raw_cache]
+        try:
+            found = await asyncio.to_thread(self.store.raws, missing) if missing else {}
+        except Exception as e:  # noqa: BLE001 - each delivery fetches its own then
+            log.warning("prefetch failed: %s", e)
+            return
+        for qid, raw in found.items():
+            self._remember(qid, raw)
+
+    def _remember(self, queue_id: str, raw: bytes) -> None:
+        if len(raw) < 1_000_000:
+            self._raw_cache[queue_id] = raw
+            while len(self._raw_cache) > max(64, 2 * self.d.concurrency):
+                self._raw_cache.popitem(last=False)
+
     async def _raw(self, queue_id: str) -> bytes | None:
         raw = self._raw_cache.get(queue_id)
         if raw is None:
             raw = await asyncio.to_thread(self.store.raw, queue_id)
-            if raw is not None and len(raw) < 1_000_000:
-                self._raw_cache[queue_id] = raw
-                while len(self._raw_cache) > 64:
-                    self._raw_cache.popitem(last=False)
+            if raw is not None:
+                self._remember(queue_id, raw)
         return raw
 
     async def _handle(self, claim: Claim) -> None:

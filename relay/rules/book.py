@@ -25,7 +25,7 @@ from . import tokens
 from .catalog import Catalog, Product
 from .crosssell import Finder, find_ordered, pick
 from .errors import RuleError
-from .facts import MessageFacts
+from .facts import MessageFacts, Selector, compile_selector
 
 log = logging.getLogger(__name__)
 
@@ -928,9 +928,10 @@ def _block(
             pat = re.compile(fd["pattern"], re.I) if fd.get("pattern") else None
         except re.error as e:
             raise loc.error(loc.key_line(line, "find"), f"block.{name}.find[{j}].pattern: {e}") from None
-        if fd.get("selector"):
-            _check_selector(fd["selector"], loc, loc.key_line(line, "find"))
-        finders.append(Finder(selector=fd.get("selector"), attribute=fd.get("attribute"), pattern=pat))
+        sel = _check_selector(fd["selector"], loc, loc.key_line(line, "find")) if fd.get("selector") else None
+        finders.append(
+            Finder(selector=fd.get("selector"), attribute=fd.get("attribute"), pattern=pat, compiled=sel)
+        )
     fallback = item.get("fallback", "featured")
     if fallback not in ("featured", "none"):
         raise loc.error(loc.key_line(line, "fallback"), f"block.{name}.fallback: featured or none")
@@ -1024,11 +1025,10 @@ def _tb_line(e: BaseException, file: str) -> int:
     return line
 
 
-def _check_selector(selector: str, loc: _Locator, line: int) -> None:
-    import soupsieve
-
+def _check_selector(selector: str, loc: _Locator, line: int) -> Selector:
+    """Validated (soupsieve's syntax, as always) and compiled once: lxml XPath or soupsieve fallback."""
     try:
-        soupsieve.compile(selector)
+        return compile_selector(selector)
     except Exception as e:  # noqa: BLE001 - soupsieve's SelectorSyntaxError and ValueError
         raise loc.error(line, f"bad CSS selector {selector!r}: {str(e).splitlines()[0]}") from None
 
@@ -1161,10 +1161,8 @@ def _match(m: Any, sources: dict[str, list[str]], path: str) -> tuple[list[Pred]
                 rx = _regexes(v)
                 preds.append(lambda f, r, st, rx=rx: any(x.search(f.text) for x in rx))
             elif k == "html":
-                sels = _strs(v)
-                for s in sels:
-                    _check_selector(s, _Locator(Path(""), ""), 0)
-                preds.append(lambda f, r, st, sels=sels: any(f.select(s) for s in sels))
+                sels = [_check_selector(s, _Locator(Path(""), ""), 0) for s in _strs(v)]
+                preds.append(lambda f, r, st, sels=sels: any(f.matches(s) for s in sels))
                 needs_html = True
             elif k in ("category", "kind"):
                 vals = {x.lower() for x in _strs(v)}

@@ -4,37 +4,35 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .catalog import Catalog, Product
-from .facts import MessageFacts
+from .facts import MessageFacts, Selector, compile_selector
 
 
 @dataclass(frozen=True)
 class Finder:
     """Where ordered products are written in a message.
 
-    ``selector``: CSS selector in the HTML (BeautifulSoup); the value read is ``attribute`` of each element
-    (e.g. ``data-product-id`` or ``href``), else its text. ``pattern``: regex applied to each value (to the
+    ``selector``: CSS selector in the HTML (compiled once, here: lxml + cssselect, soupsieve for what
+    cssselect cannot do exactly alike); the value read is ``attribute`` of each element (e.g.
+    ``data-product-id`` or ``href``), else its text. ``pattern``: regex applied to each value (to the
     body text when there is no selector); group 1 (or the whole match) is the product id, URL or name.
     """
 
     selector: str | None = None
     attribute: str | None = None
     pattern: re.Pattern[str] | None = None
+    compiled: Selector | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.selector and self.compiled is None:
+            object.__setattr__(self, "compiled", compile_selector(self.selector))
 
     def values(self, facts: MessageFacts) -> list[str]:
-        if self.selector:
-            raw: Iterable[str] = []
-            els = facts.select(self.selector)
-            if self.attribute:
-                raw = [
-                    v if isinstance(v, str) else " ".join(v)
-                    for el in els
-                    if (v := el.get(self.attribute)) is not None
-                ]
-            else:
-                raw = [el.get_text(" ", strip=True) for el in els]
+        raw: Iterable[str]
+        if self.compiled is not None:
+            raw = facts.select_values(self.compiled, self.attribute)
         else:
             raw = [facts.text]
         if self.pattern is None:

@@ -213,6 +213,21 @@ class Store:
             lambda c: c.execute(select(messages.c.raw).where(messages.c.queue_id == queue_id)).scalar()
         )
 
+    def raws(self, queue_ids: Iterable[str], max_bytes: int = 8_000_000) -> dict[str, bytes]:
+        """Raw messages of a claim batch in one query (up to ``max_bytes``; larger ones: one by one)."""
+        ids = list(dict.fromkeys(queue_ids))
+        if not ids:
+            return {}
+
+        def q(conn):
+            small = conn.execute(
+                select(messages.c.queue_id, messages.c.raw)
+                .where(messages.c.queue_id.in_(ids), messages.c.size <= max_bytes // max(1, len(ids)))
+            ).all()
+            return {qid: raw for qid, raw in small}
+
+        return self._run(q)
+
     def renew(self, worker: str, ids: Iterable[int], lease: float, now: float | None = None) -> None:
         ids = list(ids)
         if not ids:

@@ -228,9 +228,11 @@ class Pipeline:
         """Runs the after-sent bookkeeping of a group of recipients in one ledger transaction."""
         if not callbacks or self.ledger is None:
             return
-        with self.ledger.batch():
+        def run_all() -> None:
             for cb in callbacks:
                 cb(now)
+
+        self.ledger.batch(run_all)
 
 
 def _rules_log(rd: RuleDecision) -> dict:

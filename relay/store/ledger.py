@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from relay.store.database import StoreError
+from relay.store.database import StoreError, transaction
 
 metadata = MetaData()
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -117,16 +116,18 @@ class Ledger:
         self.engine = engine
         self._local = threading.local()
 
-    @contextmanager
-    def batch(self):
-        """Runs the ledger calls made inside in one transaction (one fsync for a worker's whole group)."""
+    def batch(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` (which makes ledger calls) in one transaction: one commit for a worker's group."""
+
+        def body(conn):  # noqa: ANN001, ANN202
+            self._local.conn = conn
+            try:
+                fn()
+            finally:
+                self._local.conn = None
+
         try:
-            with self.engine.begin() as conn:
-                self._local.conn = conn
-                try:
-                    yield self
-                finally:
-                    self._local.conn = None
+            transaction(self.engine, body)
         except SQLAlchemyError as e:
             raise StoreError(f"ledger: {e.__class__.__name__}: {e}") from e
 
@@ -135,8 +136,7 @@ class Ledger:
         if conn is not None:
             return fn(conn)
         try:
-            with self.engine.begin() as conn:
-                return fn(conn)
+            return transaction(self.engine, fn)
         except IntegrityError:
             raise
         except SQLAlchemyError as e:

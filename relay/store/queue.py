@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay.store.database import StoreError
+from relay.store.database import StoreError, transaction
 from relay.store.schema import (
     ACTIVE,
     DEFERRED,
@@ -100,8 +100,7 @@ class Store:
 
     def _run(self, fn, *args):
         try:
-            with self.engine.begin() as conn:
-                return fn(conn, *args)
+            return transaction(self.engine, lambda conn: fn(conn, *args))
         except SQLAlchemyError as e:
             raise StoreError(str(e.orig if getattr(e, "orig", None) else e).strip()) from e
 

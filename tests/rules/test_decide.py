@@ -130,7 +130,7 @@ def test_header_only_rules_do_not_parse_the_body(book, order_raw):
     )
     d = book.decide(f, "c@example.org", None, T0)
     assert d.decisions.category == "marketing"
-    assert "_bodies" not in f.__dict__ and "soup" not in f.__dict__
+    assert "_bodies" not in f.__dict__ and "soup" not in f.__dict__ and "tree" not in f.__dict__
 
 
 def write_rules(root, text, blocks=True):

@@ -16,7 +16,8 @@ SENDER_NOT_ALLOWED = "553 5.7.1 Sender address not allowed for login {user}"
 USER_SESSIONS = "451 4.7.0 Too many concurrent sessions for login {user}; try again later"
 RATE_LIMITED = "451 4.7.1 Rate limit for {source} ({limit} messages per minute) reached; try again later"
 DATA_TIMEOUT = "421 4.4.2 Data transfer took too long; closing the connection"
-BAD_ADDRESS = "501 5.1.3 Bad address syntax"
+BAD_ADDRESS = "553 5.1.3 Bad recipient address: not UTF-8 or contains control characters"
+BAD_SENDER = "553 5.1.7 Bad sender address: not UTF-8 or contains control characters"
 
 # Enhanced codes for the replies aiosmtpd composes on its own (RFC 3463, by basic code).
 ENHANCED_BY_CODE = {

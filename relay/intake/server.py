@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 _HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}")
 _EHLO_KEEP = ("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS", "AUTH")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class RelaySMTP(SMTP):
@@ -82,7 +83,8 @@ class RelaySMTP(SMTP):
         return self.envelope is not None and self.envelope.mail_from is not None
 
     async def push(self, status: str | bytes) -> None:
-        raw = status.encode("utf-8") if isinstance(status, str) else status
+        raw = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        raw = _CONTROL.sub(b"?", raw)  # aiosmtpd echoes unknown commands: never echo control bytes back
         if not self._bare_replies and not _HAS_ENHANCED.match(raw):
             enhanced = replies.ENHANCED_BY_CODE.get(raw[:3].decode("ascii", "replace"))
             if enhanced and raw[3:4] in (b" ", b"-"):
@@ -153,6 +155,9 @@ class IntakeHandler:
         return bool(proxy_data and proxy_data.valid)
 
     async def handle_MAIL(self, server, session: Session, envelope: Envelope, address: str, options):
+        if not _clean_address(address, allow_empty=True):
+            metrics.messages_refused.labels(reason="bad_address").inc()
+            return replies.BAD_SENDER
         user = user_of(session)
         if user is not None:
             if not user.sender_allowed(address):
@@ -176,7 +181,8 @@ class IntakeHandler:
             metrics.messages_refused.labels(reason="relay_denied").inc()
             log.info("relay denied for %s to %s", _peer_host(session), address)
             return replies.RELAY_DENIED
-        if not address or "\r" in address or "\n" in address:
+        if not _clean_address(address):
+            metrics.messages_refused.labels(reason="bad_address").inc()
             return replies.BAD_ADDRESS
         user = user_of(session)
         limit = min(self.settings.max_recipients, user.max_recipients or self.settings.max_recipients) \
@@ -201,7 +207,7 @@ class IntakeHandler:
         queue_id = new_queue_id(now)
         message_id, subject = _summary(raw)
         peer = _peer_host(session)
-        helo = session.host_name or ""
+        helo = _printable(session.host_name or "")
         full = _received_header(helo, peer, self.settings.hostname, queue_id, envelope, now) + raw
         message = NewMessage(
             queue_id=queue_id, mail_from=envelope.mail_from or "", recipients=tuple(envelope.rcpt_tos),
@@ -226,6 +232,9 @@ class IntakeHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default is a 500 carrying the exception text: temporary, and nothing leaked, instead.
+        if isinstance(error, ConnectionError | asyncio.IncompleteReadError):
+            log.info("client went away: %s", type(error).__name__)  # not our fault, not an error
+            return replies.INTERNAL_ERROR
         log.exception("SMTP session error", exc_info=error)
         metrics.messages_refused.labels(reason="internal_error").inc()
         return replies.INTERNAL_ERROR
@@ -271,9 +280,27 @@ def _summary(raw: bytes) -> tuple[str, str]:
             subject = str(make_header(decode_header(subject_raw)))
         except Exception:  # noqa: BLE001 - undecodable encoded-words: keep them as sent
             subject = subject_raw
-        return message_id, " ".join(subject.split())[:998]
+        return _printable(message_id, 998), _printable(" ".join(subject.split()), 998)
     except Exception:  # noqa: BLE001
         return "", ""
+
+
+def _clean_address(address: str | None, allow_empty: bool = False) -> bool:
+    """Valid UTF-8 (aiosmtpd hands undecodable bytes over as surrogates) and no control characters:
+    an address that cannot be stored or sent later is refused now, permanently, not deferred forever."""
+    if not address:
+        return allow_empty
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in address)
+
+
+def _printable(value: str, limit: int = 255) -> str:
+    """For the log columns: what a client sent, minus what a database or a terminal must not get."""
+    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in value)[:limit]
 
 
 def _unescape_8bit(value: str) -> str:

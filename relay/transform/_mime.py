@@ -118,6 +118,11 @@ def _walk(part: Message, a: Analysis, *, in_related: bool) -> None:
                     _walk(child, a, in_related=in_related)
                 return
             _walk(best, a, in_related=in_related)
+            for child in children:  # the other alternatives' bodies go, their attachments stay
+                if child is not best:
+                    other = Analysis()
+                    _walk(child, other, in_related=in_related)
+                    a.attachments.extend(other.attachments)
             return
         if sub == "related":
             root = _related_root(part, children)

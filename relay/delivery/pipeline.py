@@ -25,6 +25,7 @@ from relay.transform import (
     DkimSigningError,
     SkinError,
     SkinLibrary,
+    passthrough_reason,
     transform_fail_open,
     verify_dkim,
 )
@@ -146,7 +147,10 @@ class Pipeline:
     def decide(self, raw: bytes, claim: Claim) -> RuleDecision | None:
         if self.book is None:
             return None
-        return self.book.decide(self.facts(raw, claim), claim.address, self.ledger, self.wallclock())
+        wrap = passthrough_reason(raw, claim.mail_from, self.dkim_keys, self.strict) is None
+        return self.book.decide(
+            self.facts(raw, claim), claim.address, self.ledger, self.wallclock(), wrap=wrap
+        )
 
     def _transform(self, raw: bytes, claim: Claim, decisions: Decisions):
         return transform_fail_open(
@@ -202,6 +206,11 @@ class Pipeline:
             errors.append(report.reason)
         if report.over_budget:
             metrics.transform_failures.labels(reason="over_budget").inc()
+        if rd is not None and set(report.blocks) != {b.name for b in rd.decisions.blocks}:
+            # only what the customer saw counts for the caps (a block dropped for size, or a pass-through)
+            shown = tuple(b for b in rd.decisions.blocks if b.name in report.blocks)
+            offered = tuple(dict.fromkeys(p for b in shown for p in b.products))
+            rd = replace(rd, decisions=replace(rd.decisions, blocks=shown), products_offered=offered)
         log_entry = report.to_dict()
         if rd is not None:
             log_entry["rules"] = _rules_log(rd)
@@ -228,6 +237,7 @@ class Pipeline:
         """Runs the after-sent bookkeeping of a group of recipients in one ledger transaction."""
         if not callbacks or self.ledger is None:
             return
+
         def run_all() -> None:
             for cb in callbacks:
                 cb(now)

@@ -261,20 +261,35 @@ class RuleBook:
     # -- decide --------------------------------------------------------------------------------------
 
     def decide(
-        self, facts: MessageFacts, recipient: str, ledger: Any | None = None, now: float = 0.0
+        self,
+        facts: MessageFacts,
+        recipient: str,
+        ledger: Any | None = None,
+        now: float = 0.0,
+        *,
+        wrap: bool = True,
     ) -> RuleDecision:
-        """The decisions for one message and one recipient. Pure but for ledger reads (suppression, caps)."""
+        """The decisions for one message and one recipient. Pure but for ledger reads (suppression, caps).
+        ``wrap=False``: the message will be forwarded untouched (signed, a report...), so no block is
+        rendered; classification, suppression, sending parameters and follow-ups still apply."""
         st = self._state
         ev = _evaluate(st, facts, recipient, include_shadow=False)
-        res = self._finish(st, ev, facts, recipient, ledger, now)
+        res = self._finish(st, ev, facts, recipient, ledger, now, wrap)
         if ev["shadow_matched"]:
             sev = _evaluate(st, facts, recipient, include_shadow=True)
-            shadow = self._finish(st, sev, facts, recipient, ledger, now)
+            shadow = self._finish(st, sev, facts, recipient, ledger, now, wrap)
             return _replace(res, shadow=shadow.decisions, shadow_rules=tuple(ev["shadow_matched"]))
         return res
 
     def _finish(
-        self, st: _State, ev: dict, facts: MessageFacts, recipient: str, ledger: Any, now: float
+        self,
+        st: _State,
+        ev: dict,
+        facts: MessageFacts,
+        recipient: str,
+        ledger: Any,
+        now: float,
+        wrap: bool = True,
     ) -> RuleDecision:
         s = st.settings
         category = ev.get("category") or s["default_category"]
@@ -342,6 +357,9 @@ class RuleBook:
         if not suppressed:
             allow = marketing or bool(ev.get("allow_promotions"))
             names = ev.get("blocks") or ()
+            if names and not wrap:
+                notes.append(f"blocks {', '.join(names)} left out: the message is forwarded untouched")
+                names = ()
             counts = None
             for bname in names:
                 spec = st.blocks[bname]

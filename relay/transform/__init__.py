@@ -5,7 +5,13 @@ size budget, fail-open) and the skin template context.
 """
 
 from .dkim import verify_dkim
-from .engine import REQUEST_HEADERS, read_request_headers, transform, transform_fail_open
+from .engine import (
+    REQUEST_HEADERS,
+    passthrough_reason,
+    read_request_headers,
+    transform,
+    transform_fail_open,
+)
 from .skins import Skin, SkinLibrary
 from .types import (
     Block,
@@ -32,6 +38,7 @@ __all__ = [
     "TransformError",
     "TransformTimeout",
     "UnknownSkin",
+    "passthrough_reason",
     "read_request_headers",
     "transform",
     "transform_fail_open",

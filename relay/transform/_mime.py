@@ -92,6 +92,8 @@ class Analysis:
     extra_bodies: list[Message] = field(default_factory=list)  # more inline text parts, in order
     related: list[Message] = field(default_factory=list)  # inline images etc. (multipart/related)
     attachments: list[Message] = field(default_factory=list)  # everything else, in order
+    # the sender's own text/plain alternative of the chosen HTML body, if any: the text part's content
+    plain_alternative: Message | None = None
 
     @property
     def body(self) -> Message | None:
@@ -119,6 +121,14 @@ def _walk(part: Message, a: Analysis, *, in_related: bool) -> None:
                 return
             _walk(best, a, in_related=in_related)
             for child in children:  # the other alternatives' bodies go, their attachments stay
+                if (
+                    child is not best
+                    and child.get_content_type() == "text/plain"
+                    and best.get_content_type() == "text/html"
+                    and a.plain_alternative is None
+                    and _is_body_candidate(child)
+                ):
+                    a.plain_alternative = child
                 if child is not best:
                     other = Analysis()
                     _walk(child, other, in_related=in_related)

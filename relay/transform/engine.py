@@ -113,6 +113,45 @@ def _render_blocks(blocks: list) -> Markup:
     return Markup("".join(f'<div data-relay-block="{escape(b.name)}">{b.html}</div>' for b in blocks))
 
 
+def _header_reason(
+    values: dict[str, list[str]], mail_from: str | None, keys: Mapping[str, DkimKey], strict: frozenset[str]
+) -> str | None:
+    """Why a message must pass through untouched, judged on its headers alone (no MIME parse)."""
+    if mail_from is not None and mail_from.strip() in ("", "<>"):
+        return "bounce (empty reverse path)"
+    if SKIN_MARKER in values:
+        return f"already wrapped (X-Relay-Skin: {values[SKIN_MARKER][0]})"
+    no_wrap = values.get("x-relay-no-wrap")
+    if no_wrap and no_wrap[0].strip().lower() in _TRUE:
+        return "X-Relay-No-Wrap requested"
+    auto = _auto_submitted(values)
+    if auto:
+        return auto
+    ctype = (values.get("content-type") or ["text/plain"])[0].split(";", 1)[0].strip().lower()
+    if ctype in _mime.PASS_TYPES:
+        return _mime.PASS_TYPES[ctype]
+    from_domain = _from_domain((values.get("from") or [None])[0])
+    if dkim_mod.key_for(from_domain, keys) is None and from_domain and _strict(from_domain, strict):
+        return f"DMARC quarantine/reject for {from_domain} and no DKIM key"
+    return None
+
+
+def passthrough_reason(
+    raw: bytes,
+    mail_from: str | None,
+    dkim_keys: Mapping[str, DkimKey] | None = None,
+    dmarc_strict_domains: frozenset[str] = frozenset(),
+) -> str | None:
+    """The header-level reason ``transform`` will forward ``raw`` untouched, or None (then it may still
+    pass it through for its MIME structure). Cheap: lets the caller skip work only a rewrap needs."""
+    head, _sep, _rest = _raw.split_message(raw)
+    values: dict[str, list[str]] = {}
+    for name, data in _raw.header_fields(head):
+        if name is not None:
+            values.setdefault(name, []).append(_raw.field_value(data))
+    return _header_reason(values, mail_from, dkim_keys or {}, dmarc_strict_domains)
+
+
 def transform(
     raw: bytes,
     *,
@@ -147,26 +186,12 @@ def transform(
         )
 
     # --- never rewrap: decided on headers alone, no MIME parse
-    if mail_from is not None and mail_from.strip() in ("", "<>"):
-        return passthrough("bounce (empty reverse path)")
-    if SKIN_MARKER in values:
-        return passthrough(f"already wrapped (X-Relay-Skin: {values[SKIN_MARKER][0]})")
-    no_wrap = values.get("x-relay-no-wrap")
-    if no_wrap and no_wrap[0].strip().lower() in _TRUE:
-        return passthrough("X-Relay-No-Wrap requested")
+    reason = _header_reason(values, mail_from, keys, dmarc_strict_domains)
+    if reason:
+        return passthrough(reason)
     if decisions.skin is None:
         return passthrough("no skin chosen")
-    auto = _auto_submitted(values)
-    if auto:
-        return passthrough(auto)
-    ctype = (values.get("content-type") or ["text/plain"])[0].split(";", 1)[0].strip().lower()
-    if ctype in _mime.PASS_TYPES:
-        return passthrough(_mime.PASS_TYPES[ctype])
-    from_value = (values.get("from") or [None])[0]
-    from_domain = _from_domain(from_value)
-    key = dkim_mod.key_for(from_domain, keys)
-    if key is None and from_domain and _strict(from_domain, dmarc_strict_domains):
-        return passthrough(f"DMARC quarantine/reject for {from_domain} and no DKIM key")
+    key = dkim_mod.key_for(_from_domain((values.get("from") or [None])[0]), keys)
     skin = skins.get(decisions.skin)  # UnknownSkin: fail open upstream
 
     # --- parse (compat32) and look for structures we must not touch
@@ -176,7 +201,8 @@ def transform(
         return passthrough(reason, None)
     analysis = _mime.analyse(msg)
     body_html, plain_texts = _body(analysis)
-    if plain_texts and all(t is not None for t in plain_texts):
+    bodies = ([analysis.html] if analysis.html is not None else []) + analysis.extra_bodies
+    if bodies and all(p.get_content_subtype() != "html" for p in bodies):
         body_html = skin.style_fragment(body_html)  # relay-built HTML takes the skin's typography
     _mime.move_cid_parts(analysis, body_html)
 
@@ -276,7 +302,9 @@ def _fix(data: bytes, eol: bytes) -> bytes:
 
 def _body(a: _mime.Analysis) -> tuple[str, list[str | None]]:
     """Safe HTML of the body parts (the chosen one and any further inline text parts) and,
-    per part, its original plain text (None for HTML parts: converted only when needed)."""
+    per part, its plain text: the original for text parts, the sender's own text/plain alternative
+    for an HTML body that had one (truer to the sender than a conversion, and 1 ms cheaper), else
+    None (converted from the HTML only when needed)."""
     htmls: list[str] = []
     texts: list[str | None] = []
     for part in ([a.html] if a.html is not None else []) + a.extra_bodies:
@@ -284,7 +312,10 @@ def _body(a: _mime.Analysis) -> tuple[str, list[str | None]]:
         if part.get_content_subtype() == "html":
             safe = content_mod.clean_original_html(text)
             htmls.append(safe)
-            texts.append(None)
+            alt = a.plain_alternative if part is a.html else None
+            texts.append(
+                content_mod.part_text(alt).replace("\r\n", "\n").strip("\n") if alt is not None else None
+            )
         else:
             htmls.append(content_mod.text_to_html(text))
             texts.append(text.replace("\r\n", "\n").strip("\n"))

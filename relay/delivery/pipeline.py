@@ -148,9 +148,13 @@ class Pipeline:
         if self.book is None:
             return None
         wrap = passthrough_reason(raw, claim.mail_from, self.dkim_keys, self.strict) is None
-        return self.book.decide(
-            self.facts(raw, claim), claim.address, self.ledger, self.wallclock(), wrap=wrap
-        )
+        facts, book, now = self.facts(raw, claim), self.book, self.wallclock()
+        if self.ledger is None:
+            return book.decide(facts, claim.address, None, now, wrap=wrap)
+        out: list[RuleDecision] = []
+        # the ledger reads of one decision (suppression, caps) share one connection and transaction
+        self.ledger.batch(lambda: out.append(book.decide(facts, claim.address, self.ledger, now, wrap=wrap)))
+        return out[0]
 
     def _transform(self, raw: bytes, claim: Claim, decisions: Decisions):
         return transform_fail_open(

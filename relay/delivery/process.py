@@ -11,6 +11,8 @@ from relay.config import Settings
 
 log = logging.getLogger(__name__)
 
+WORKER_NICENESS = 10
+
 
 def build_worker(settings: Settings, store=None):
     """The worker with its upstream (SMTP pool or outbox) and pipeline, from the settings."""
@@ -67,6 +69,12 @@ async def run_worker(
 
 def main(settings: Settings, index: int, parent_pid: int, log_level: int, wake=None) -> None:
     """Entry point of a worker process (multiprocessing spawn target)."""
+    try:
+        # Intake answers clients while they wait; delivery is background work. On a busy machine the
+        # scheduler should give the intake process the CPU first (its 250 latency), the workers after.
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
     )

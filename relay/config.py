@@ -105,6 +105,7 @@ class UpstreamSettings:
     username: str | None = None
     password: str | None = None
     verify_tls: bool = True
+    ca_file: Path | None = None  # CA bundle for a private upstream CA (default: the system's)
     connect_timeout: float = 30.0
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2: MAIL/RCPT 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the final dot
@@ -360,6 +361,7 @@ def from_mapping(data: dict[str, Any], source: str = "<config>", base: Path | No
         username=u.get("username", str, None),
         password=u.get("password", str, None),
         verify_tls=u.get("verify_tls", bool, True),
+        ca_file=(base / u.get("ca_file", str, "")).resolve() if u.table.get("ca_file") else None,
         connect_timeout=u.positive("connect_timeout", float, d.upstream.connect_timeout),
         command_timeout=u.positive("command_timeout", float, d.upstream.command_timeout),
         data_timeout=u.positive("data_timeout", float, d.upstream.data_timeout),

@@ -76,9 +76,11 @@ class Pipeline:
             self.skins = SkinLibrary.load(self.settings.paths.skins)
             self.skins_error = None
         except (SkinError, OSError) as e:
-            self.skins_error = f"skins not loaded: {e}"
-            metrics.reload_failures.labels(kind="skins").inc()
-            log.error("%s; messages are forwarded unwrapped until it is fixed", self.skins_error)
+            error = f"skins not loaded: {e}"
+            if error != self.skins_error:  # once per distinct problem, not at every reload check
+                metrics.reload_failures.labels(kind="skins").inc()
+                log.error("%s; messages are forwarded unwrapped until it is fixed", error)
+            self.skins_error = error
 
     def _load_rules(self) -> None:
         rules = self.settings.paths.rules

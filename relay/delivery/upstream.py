@@ -37,7 +37,7 @@ class SmtpUpstream:
         s = self.settings
         context = None
         if s.tls != "none":
-            context = ssl.create_default_context()
+            context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
             if not s.verify_tls:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE

@@ -11,6 +11,7 @@ import json
 import re
 import signal
 import smtplib
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +77,7 @@ def test_history_and_queue_while_serving(serving, sink, db_url):
     deferred, _ = send(serving.port, "defer-x@example.org", "Livraison")
     store = open_store(db_url)
     try:
+
         def status(address: str) -> list[str]:
             return [e["status"] for e in store.history(address)]
 
@@ -89,8 +91,16 @@ def test_history_and_queue_while_serving(serving, sink, db_url):
         assert isinstance(entries, list) and len(entries) == 2
         assert [e["queue_id"] for e in entries] == [second, first]
         for e in entries:
-            for key in ("queue_id", "message_id", "subject", "received_at", "status", "skin", "blocks",
-                        "upstream_reply"):
+            for key in (
+                "queue_id",
+                "message_id",
+                "subject",
+                "received_at",
+                "status",
+                "skin",
+                "blocks",
+                "upstream_reply",
+            ):
                 assert key in e, key
             assert e["status"] in STATUSES and e["status"] == "sent"
             assert isinstance(e["blocks"], list)
@@ -149,8 +159,10 @@ def test_queue_commands_without_ids_are_refused(tmp_path):
 
 
 def test_check_names_an_unknown_key_and_the_file(tmp_path):
-    good = write_config(tmp_path / "good.toml", {"smtp": {"listen": "127.0.0.1:2525"},
-                                                 "paths": {"skins": str(ROOT / "skins")}})
+    good = write_config(
+        tmp_path / "good.toml",
+        {"smtp": {"listen": "127.0.0.1:2525"}, "paths": {"skins": str(ROOT / "skins")}},
+    )
     r = run_cli("check", "--config", str(good))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
@@ -177,3 +189,59 @@ def test_serve_refuses_a_bad_value_naming_key_and_file(tmp_path, section, values
     assert key in r.stderr and str(bad) in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "var").exists(), "nothing started, nothing created"
+
+
+def test_preview_writes_eml_and_html(tmp_path):
+    src = Path(__file__).resolve().parents[1] / "fixtures" / "order_confirmation_30k.eml"
+    cfg = tmp_path / "relay.toml"
+    skins = Path(__file__).resolve().parents[2] / "skins"
+    cfg.write_text(f'[paths]\nskins = "{skins}"\n')
+    eml, html = tmp_path / "out.eml", tmp_path / "out.html"
+    r = run_cli("preview", str(src), "--config", str(cfg), "--skin", "boutique", "-o", str(eml))
+    assert r.returncode == 0, r.stderr
+    assert b"X-Relay-Skin: boutique" in eml.read_bytes() and "rewrapped" in r.stderr
+    r = run_cli("preview", str(src), "--config", str(cfg), "--skin", "boutique", "-o", str(html))
+    assert r.returncode == 0 and html.read_text().lstrip().lower().startswith("<!doctype html")
+    r = run_cli("preview", str(src), "--config", str(cfg), "--skin", "nope")
+    assert r.returncode == 2 and "no skin 'nope'" in r.stderr
+    r = run_cli("preview", str(tmp_path / "missing.eml"), "--config", str(cfg))
+    assert r.returncode == 2 and "missing.eml" in r.stderr
+
+
+def test_replay_rerenders_a_logged_message_with_another_skin(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(
+        f'[paths]\nskins = "{root / "skins"}"\nrules = "{root / "rules"}"\n'
+        f'[database]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
+    )
+    from relay import config
+    from relay.store.database import make_engine, migrate
+    from relay.store.queue import NewMessage, Store
+
+    engine = make_engine(config.load(cfg).database.url)
+    migrate(engine)
+    raw = (root / "tests" / "fixtures" / "order_confirmation_30k.eml").read_bytes()
+    Store(engine).enqueue(
+        [
+            NewMessage(
+                "REPLAYME",
+                "shop@maison-lumiere.example",
+                ("camille@example.org",),
+                raw,
+                "127.0.0.1",
+                "127.0.0.1",
+            )
+        ]
+    )
+    engine.dispose()
+    out = tmp_path / "replay.eml"
+    r = run_cli("replay", "REPLAYME", "--config", str(cfg), "--skin", "default", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (
+        b"X-Relay-Skin: default" in out.read_bytes()
+        and b'data-relay-block="complementary"' in out.read_bytes()
+    )
+    assert "rules=order-confirmation" in r.stderr
+    r = run_cli("replay", "NOPE", "--config", str(cfg))
+    assert r.returncode == 2 and "no message NOPE" in r.stderr

@@ -1,0 +1,86 @@
+"""Queue operations on the real store (SQLite and PostgreSQL): fair claims, leases, quarantine, purge."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from relay.store.database import make_engine, migrate
+from relay.store.queue import NewMessage, Outcome, Store, new_queue_id
+
+
+@pytest.fixture
+def store(db_url):
+    engine = make_engine(db_url)
+    migrate(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def _enqueue(store: Store, n: int, now: float, prefix: str) -> None:
+    store.enqueue(
+        [
+            NewMessage(
+                queue_id=new_queue_id(now),
+                mail_from="shop@boutique.example",
+                recipients=(f"{prefix}{i}@x.org",),
+                raw=b"Subject: t\r\n\r\nx\r\n",
+                source="test",
+                client_addr="127.0.0.1",
+                received_at=now,
+            )
+            for i in range(n)
+        ]
+    )
+
+
+def test_retries_never_starve_fresh_mail_and_get_a_share(store):
+    now = time.time()
+    _enqueue(store, 40, now - 100, "old")
+    claims = store.claim("w1", 40, lease=60, now=now - 99)
+    store.record(
+        "w1",
+        [
+            Outcome(c.id, c.queue_id, c.address, "deferred", "451 later", next_attempt_at=now - 1)
+            for c in claims
+        ],
+    )
+    _enqueue(store, 40, now, "new")
+    batch = store.claim("w2", 8, lease=60, now=now)
+    fresh = [c for c in batch if c.address.startswith("new")]
+    retries = [c for c in batch if c.address.startswith("old")]
+    assert len(fresh) >= 6 and len(retries) >= 2, (len(fresh), len(retries))
+
+
+def test_a_claim_is_exclusive_and_a_lapsed_lease_is_recovered_then_quarantined(store):
+    now = time.time()
+    _enqueue(store, 1, now, "c")
+    assert len(store.claim("w1", 10, lease=5, now=now)) == 1
+    assert store.claim("w2", 10, lease=5, now=now) == []  # leased: nobody else gets it
+    for crash in range(1, 4):
+        assert store.recover_expired(max_crashes=3, now=now + 10 * crash) == 1
+        if crash < 3:
+            assert len(store.claim("w1", 10, lease=5, now=now + 10 * crash)) == 1
+    entry = store.history("c0@x.org")[0]
+    assert entry["status"] == "failed" and "quarantined" in entry["upstream_reply"]
+    assert [e["kind"] for e in entry["events"]][-1] == "quarantined"
+
+
+def test_an_outcome_from_a_worker_that_lost_its_lease_is_not_written(store):
+    now = time.time()
+    _enqueue(store, 1, now, "l")
+    (c,) = store.claim("w1", 1, lease=1, now=now)
+    store.recover_expired(max_crashes=5, now=now + 5)
+    (c2,) = store.claim("w2", 1, lease=60, now=now + 5)
+    assert store.record("w1", [Outcome(c.id, c.queue_id, c.address, "sent", "250 late")]) == 0
+    assert store.record("w2", [Outcome(c2.id, c2.queue_id, c2.address, "sent", "250 ok")]) == 1
+
+
+def test_purge_keeps_pending_mail(store):
+    now = time.time()
+    _enqueue(store, 2, now - 1000, "p")
+    (c, _) = store.claim("w", 2, lease=60, now=now - 999)
+    store.record("w", [Outcome(c.id, c.queue_id, c.address, "sent", "250 ok")])
+    assert store.purge(before=now) == 1
+    assert store.counts() == {"active": 1}

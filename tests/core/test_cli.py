@@ -238,10 +238,12 @@ def test_replay_rerenders_a_logged_message_with_another_skin(tmp_path):
     out = tmp_path / "replay.eml"
     r = run_cli("replay", "REPLAYME", "--config", str(cfg), "--skin", "default", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert (
-        b"X-Relay-Skin: default" in out.read_bytes()
-        and b'data-relay-block="complementary"' in out.read_bytes()
-    )
+    import email
+    from email.policy import default
+
+    replayed = email.message_from_bytes(out.read_bytes(), policy=default)
+    assert replayed["X-Relay-Skin"] == "default"
+    assert 'data-relay-block="complementary"' in replayed.get_body(("html",)).get_content()
     assert "rules=order-confirmation" in r.stderr
     r = run_cli("replay", "NOPE", "--config", str(cfg))
     assert r.returncode == 2 and "no message NOPE" in r.stderr

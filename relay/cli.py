@@ -172,7 +172,6 @@ def cmd_suppress(args) -> int:
 
 def cmd_replay(args) -> int:
     """Re-renders a logged message with today's rules and skins (or another skin), for review."""
-    from pathlib import Path
 
     from relay.delivery.pipeline import load_dkim_keys
     from relay.rules import MessageFacts, RuleBook, RuleError, load_or_create_secret
@@ -225,12 +224,7 @@ def cmd_replay(args) -> int:
         dkim_keys=load_dkim_keys(settings),
         html_budget=settings.rewrap.html_budget,
     )
-    if args.output and args.output.endswith(".html"):
-        out = _html_of(out)
-    if args.output:
-        Path(args.output).write_bytes(out)
-    else:
-        sys.stdout.buffer.write(out)
+    _write_rendered(out, args.output)
     print(
         f"replay {args.queue_id} for {rcpt}: {report.action} skin={report.skin}@{report.skin_version} "
         f"blocks={','.join(report.blocks) or '-'} rules={','.join(matched) or '-'} "
@@ -280,18 +274,25 @@ def cmd_preview(args) -> int:
     except SkinError as e:
         print(f"relay preview: {e}", file=sys.stderr)
         return 1
-    if args.output and args.output.endswith(".html"):
-        out = _html_of(out)
-    if args.output:
-        Path(args.output).write_bytes(out)
-    else:
-        sys.stdout.buffer.write(out)
+    _write_rendered(out, args.output)
     print(
         f"{report.action}{': ' + report.reason if report.reason else ''} (skin {report.skin}, "
         f"html {report.html_bytes} bytes{', OVER BUDGET' if report.over_budget else ''})",
         file=sys.stderr,
     )
     return 0
+
+
+def _write_rendered(message: bytes, output: str | None) -> None:
+    """To ``output`` (its HTML part alone when the name ends in .html), else to stdout."""
+    if output and output.endswith(".html"):
+        message = _html_of(message)
+    if output:
+        from pathlib import Path
+
+        Path(output).write_bytes(message)
+    else:
+        sys.stdout.buffer.write(message)
 
 
 def _html_of(message: bytes) -> bytes:

@@ -19,6 +19,8 @@ from typing import Any
 
 from lxml import etree
 
+from relay.transform._content import part_text  # one charset decoder for rules and rewrap
+
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FIELD = re.compile(r"^([\x21-\x39\x3b-\x7e]+)[ \t]*:(.*)$", re.S)
 _ENCODED_WORD = "=?"
@@ -70,18 +72,6 @@ def parse_headers(raw: bytes) -> dict[str, list[str]]:
         ]  # type: ignore[misc]
         for name, values in fields.items()
     }
-
-
-def _part_text(part: Any) -> str:
-    payload = part.get_payload(decode=True) or b""
-    charset = part.get_content_charset() or "utf-8"
-    try:
-        return payload.decode(charset)
-    except (LookupError, UnicodeDecodeError):
-        try:
-            return payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return payload.decode("cp1252", "replace")
 
 
 class MessageFacts:
@@ -162,9 +152,9 @@ class MessageFacts:
                 continue
             ctype = part.get_content_type()
             if ctype == "text/plain" and text is None:
-                text = _part_text(part)
+                text = part_text(part)
             elif ctype == "text/html" and html is None:
-                html = _part_text(part)
+                html = part_text(part)
         return text or "", html or ""
 
     @property

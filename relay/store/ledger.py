@@ -1,7 +1,7 @@
 """The rules ledger: suppressions, the offers log and sends log behind the caps, scheduled follow-ups.
 
-Tables come from migration 0002. Addresses are keyed lower-cased. Times are UTC epoch seconds (float).
-Every method is one short transaction and works on SQLite and PostgreSQL.
+Tables: relay.store.schema (created by migration 0002). Addresses are keyed lower-cased. Times are UTC
+epoch seconds (float). Every method is one short transaction and works on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -13,16 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
-    Double,
     Engine,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
     and_,
     delete,
     func,
@@ -33,55 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from relay.store.database import StoreError, transaction
-
-metadata = MetaData()
-BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-suppressions = Table(
-    "suppressions",
-    metadata,
-    Column("address_key", String(320), primary_key=True),
-    Column("address", Text, nullable=False),
-    Column("reason", String(64), nullable=False),
-    Column("source", Text, nullable=False),
-    Column("created_at", Double, nullable=False),
-)
-offers = Table(
-    "offers",
-    metadata,
-    Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("address_key", String(320), nullable=False),
-    Column("queue_id", String(32), nullable=False),
-    Column("block", String(64), nullable=False),
-    Column("product", String(128), nullable=False),
-    Column("at", Double, nullable=False),
-)
-rule_sends = Table(
-    "rule_sends",
-    metadata,
-    Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("address_key", String(320), nullable=False),
-    Column("queue_id", String(32), nullable=False),
-    Column("category", String(32), nullable=False),
-    Column("kind", String(64), nullable=True),
-    Column("rules_version", String(32), nullable=True),
-    Column("at", Double, nullable=False),
-)
-followups = Table(
-    "followups", metadata,
-    Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("address_key", String(320), nullable=False),
-    Column("address", Text, nullable=False),
-    Column("name", String(64), nullable=False),
-    Column("queue_id", String(32), nullable=False),
-    Column("due_at", Double, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("payload", Text, nullable=False),
-    Column("created_at", Double, nullable=False),
-    Column("updated_at", Double, nullable=False),
-    Column("result", Text, nullable=True),
-    UniqueConstraint("queue_id", "address_key", "name", name="uq_followups_origin"),
-)  # fmt: skip
+from relay.store.schema import followups, offers, rule_sends, suppressions
 
 PENDING, DONE, CANCELLED = "pending", "done", "cancelled"
 

@@ -223,8 +223,9 @@ class Store:
 
         def q(conn):
             small = conn.execute(
-                select(messages.c.queue_id, messages.c.raw)
-                .where(messages.c.queue_id.in_(ids), messages.c.size <= max_bytes // max(1, len(ids)))
+                select(messages.c.queue_id, messages.c.raw).where(
+                    messages.c.queue_id.in_(ids), messages.c.size <= max_bytes // max(1, len(ids))
+                )
             ).all()
             return {qid: raw for qid, raw in small}
 
@@ -478,66 +479,40 @@ class Store:
         return [dict(r) | {"due": r["status"] != FAILED and r["next_attempt_at"] <= now} for r in rows]
 
     def retry_now(self, selector: Sequence[str], now: float | None = None) -> int:
-        """Makes deferred (and failed) recipients due now. selector: queue ids or 'all'."""
+        """Makes deferred (and failed) recipients due now. selector: queue ids, recipient ids or 'all'."""
         now = time.time() if now is None else now
         cond = recipients.c.status.in_((DEFERRED, FAILED))
         if list(selector) != ["all"]:
-            cond = and_(cond, or_(recipients.c.queue_id.in_(selector), _ids_in(selector)))
-
-        def q(conn):
-            rows = conn.execute(
-                update(recipients)
-                .where(cond)
-                .values(status=DEFERRED, next_attempt_at=now, crashes=0, updated_at=now)
-                .returning(recipients.c.queue_id, recipients.c.address_key)
-            ).all()
-            if rows:
-                conn.execute(
-                    insert(events),
-                    [
-                        {
-                            "queue_id": qid,
-                            "address_key": a,
-                            "at": now,
-                            "kind": "retry",
-                            "detail": "relay queue retry",
-                        }
-                        for qid, a in rows
-                    ],
-                )
-            return len(rows)
-
-        return self._run(q)
+            cond = and_(cond, _selected(selector))
+        values = {"status": DEFERRED, "next_attempt_at": now, "crashes": 0}
+        return self._operator_change(cond, values, "retry", "relay queue retry", now)
 
     def delete(self, selector: Sequence[str], now: float | None = None) -> int:
         """Removes pending recipients from the queue (kept in the log as failed, reason 'deleted')."""
         now = time.time() if now is None else now
-        cond = recipients.c.status.in_((QUEUED, DEFERRED, FAILED))
-        cond = and_(cond, or_(recipients.c.queue_id.in_(selector), _ids_in(selector)))
+        cond = and_(recipients.c.status.in_((QUEUED, DEFERRED, FAILED)), _selected(selector))
+        values = {
+            "status": FAILED,
+            "last_reply": "deleted from the queue by an operator",
+            "next_attempt_at": now,
+        }
+        return self._operator_change(cond, values, "deleted", "relay queue delete", now)
+
+    def _operator_change(self, cond, values: dict, kind: str, detail: str, now: float) -> int:
+        """One `relay queue` action: the recipients' new state and a timeline event for each."""
 
         def q(conn):
             rows = conn.execute(
                 update(recipients)
                 .where(cond)
-                .values(
-                    status=FAILED,
-                    last_reply="deleted from the queue by an operator",
-                    updated_at=now,
-                    next_attempt_at=now,
-                )
+                .values(**values, updated_at=now)
                 .returning(recipients.c.queue_id, recipients.c.address_key)
             ).all()
             if rows:
                 conn.execute(
                     insert(events),
                     [
-                        {
-                            "queue_id": qid,
-                            "address_key": a,
-                            "at": now,
-                            "kind": "deleted",
-                            "detail": "relay queue",
-                        }
+                        {"queue_id": qid, "address_key": a, "at": now, "kind": kind, "detail": detail}
                         for qid, a in rows
                     ],
                 )
@@ -614,6 +589,7 @@ def _shaping(report_json: str | None) -> dict:
     }
 
 
-def _ids_in(selector: Sequence[str]):
+def _selected(selector: Sequence[str]):
+    """Recipients named by queue id or by recipient id (digits)."""
     ids = [int(s) for s in selector if s.isdigit()]
-    return recipients.c.id.in_(ids)
+    return or_(recipients.c.queue_id.in_(selector), recipients.c.id.in_(ids))

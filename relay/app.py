@@ -7,6 +7,7 @@ refuse new sessions, let SMTP transactions in flight finish, stop the workers, e
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -330,6 +331,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await relay.start()
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's scans, whose
+    # full passes over the imported libraries otherwise add milliseconds to a random 250.
+    gc.freeze()
     if ready:
         ready.set()
     await stop.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ async def run_worker(
     settings: Settings, stop: asyncio.Event, parent_pid: int | None = None, wake_fd: int | None = None
 ) -> None:
     worker = build_worker(settings)
+    gc.freeze()  # skins, rules, catalog and libraries: long-lived, not worth the collector's scans
     loop = asyncio.get_running_loop()
     if wake_fd is not None:
 

@@ -142,7 +142,12 @@ class Relay:
                 else:
                     await asyncio.to_thread(self.book.reload_if_changed)
                 counts = await asyncio.to_thread(
-                    run_due_followups, self.book, self.ledger, self._enqueue_followup, self.clock()
+                    run_due_followups,
+                    self.book,
+                    self.ledger,
+                    self._enqueue_followup,
+                    self.clock(),
+                    original=self.store.raw,
                 )
                 if any(counts.values()):
                     log.info("follow-ups: %s", counts)
@@ -312,8 +317,11 @@ class Relay:
             metrics.mark_process_dead(p.pid)
         await asyncio.to_thread(self.committer.stop)
         if self.committer.groups:
-            log.info("intake committed %d messages in %d transactions", self.committer.committed,
-                     self.committer.groups)
+            log.info(
+                "intake committed %d messages in %d transactions",
+                self.committer.committed,
+                self.committer.groups,
+            )
         for fd in self._wake_fds.values():
             os.close(fd)
         self._wake_fds.clear()

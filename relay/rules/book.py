@@ -386,7 +386,11 @@ class RuleBook:
             if spec.category == "marketing" and ledger is not None and ledger.is_suppressed(recipient):
                 notes.append(f"follow-up {fname} not scheduled: recipient unsubscribed")
                 continue
-            if spec.block and spec.block in st.blocks and st.catalog is not None and not ordered_all:
+            finds = bool(spec.block and spec.block in st.blocks and st.catalog is not None)
+            # A message forwarded untouched had no block, so nothing parsed its body yet: leave that to
+            # the follow-up's own time (prepare_followup reads the stored original then), off the hot path.
+            pending = finds and not ordered_all and not wrap
+            if finds and not ordered_all and wrap:
                 ordered_all = find_ordered(facts, st.blocks[spec.block].finders, st.catalog)
             followups.append(
                 FollowupRequest(
@@ -394,6 +398,7 @@ class RuleBook:
                     now + spec.delay,
                     {
                         "ordered": [p.id for p in ordered_all],
+                        "ordered_pending": pending,
                         "offered": offered,
                         "kind": kind,
                         "subject": facts.subject,
@@ -435,7 +440,13 @@ class RuleBook:
 
     # -- follow-ups ------------------------------------------------------------------------------------
 
-    def prepare_followup(self, followup: Any, ledger: Any | None, now: float) -> tuple[bytes | None, str]:
+    def prepare_followup(
+        self,
+        followup: Any,
+        ledger: Any | None,
+        now: float,
+        original: Callable[[str], bytes | None] | None = None,
+    ) -> tuple[bytes | None, str]:
         """Render a due ``Followup`` (ledger row) into raw bytes, or (None, reason) when it must be cancelled
         (unknown now, recipient unsubscribed, marketing cap reached). The message carries X-Relay-Category and
         X-Relay-Kind so the normal pipeline applies skin, unsubscribe headers and suppression again."""
@@ -450,6 +461,12 @@ class RuleBook:
             if m is not None and ledger.marketing_count(followup.address, now - WEEK) >= m:
                 return None, f"marketing cap ({m} per 7 days)"
         payload = followup.payload or {}
+        if payload.get("ordered_pending") and original is not None and st.catalog is not None:
+            raw = original(followup.queue_id)  # ``original(queue_id)``: the triggering message, if kept
+            if raw is not None and spec.block in st.blocks:
+                facts = MessageFacts.from_raw(raw, source="", mail_from="")
+                found = find_ordered(facts, st.blocks[spec.block].finders, st.catalog)
+                payload = {**payload, "ordered": [p.id for p in found], "ordered_pending": False}
         products: list[Product] = []
         if st.catalog is not None and spec.products != "none":
             ordered = [p for i in payload.get("ordered", []) if (p := st.catalog.get(i))]

@@ -13,7 +13,14 @@ Enqueue = Callable[[bytes, str, str], str]
 
 
 def run_due_followups(
-    book: Any, ledger: Any, enqueue: Enqueue, now: float, *, limit: int = 100, retry_after: float = 300.0
+    book: Any,
+    ledger: Any,
+    enqueue: Enqueue,
+    now: float,
+    *,
+    limit: int = 100,
+    retry_after: float = 300.0,
+    original: Callable[[str], bytes | None] | None = None,
 ) -> dict[str, int]:
     """Render and enqueue the follow-ups due at ``now``. At most once: each one is claimed in the ledger
     (pending -> done) before it is enqueued, so two instances never both send it; if enqueueing fails it goes
@@ -21,7 +28,7 @@ def run_due_followups(
     counts = {"queued": 0, "cancelled": 0, "failed": 0}
     for f in ledger.due_followups(now, limit):
         try:
-            raw, why = book.prepare_followup(f, ledger, now)
+            raw, why = book.prepare_followup(f, ledger, now, original)
         except Exception as e:  # noqa: BLE001 - a broken template must not stop the others
             log.exception("follow-up %s for %s: render failed", f.name, f.address)
             ledger.retry_followup(f.id, now + retry_after, now, f"render failed: {type(e).__name__}")

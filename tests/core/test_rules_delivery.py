@@ -9,7 +9,7 @@ import time
 import urllib.parse
 import urllib.request
 from email import message_from_bytes
-from email.policy import default
+from email.policy import compat32, default
 from pathlib import Path
 
 import pytest
@@ -135,3 +135,35 @@ def test_hot_reload_good_edit_then_broken_edit(shop, sink):
     assert shop.store.history("camille@example.org")[0]["kind"] == "newsletter"
     metrics = urllib.request.urlopen(f"http://{shop.settings.http.listen}/metrics", timeout=5).read().decode()
     assert 'relay_reload_failures_total{kind="rules"}' in metrics
+
+
+def test_follow_up_of_a_signed_order_finds_the_products_when_due(shop, sink):
+    """A signed order confirmation is forwarded untouched (no block): its ordered products are read from
+    the stored original when the follow-up comes due, not on the delivery hot path."""
+    order = (FIXTURES / "order_confirmation_30k.eml").read_bytes()
+    parsed = message_from_bytes(order, policy=compat32)
+    head = "".join(
+        f"{k}: {v}\r\n"
+        for k, v in parsed.items()
+        if k.lower() not in ("content-type", "content-transfer-encoding", "mime-version")
+    ).encode()
+    inner = f"Content-Type: {' '.join(parsed['Content-Type'].split())}\r\n\r\n".encode()
+    signed = (
+        head + b'MIME-Version: 1.0\r\nContent-Type: multipart/signed; protocol="application/pkcs7-signature";'
+        b' micalg=sha-256; boundary="sig"\r\n\r\n--sig\r\n'
+        + inner
+        + order.split(b"\r\n\r\n", 1)[1]
+        + b"\r\n--sig\r\nContent-Type: application/pkcs7-signature\r\n\r\n"
+        + b"MIAGCSqGSIb3DQEHAqCAMIACAQE=\r\n--sig--\r\n"
+    )
+    send(shop, signed)
+    shop.wait_for(lambda: shop.statuses("camille@example.org") == ["sent"], what="signed order sent")
+    assert sink.messages[0].data.endswith(signed.split(b"\r\n\r\n", 1)[1])  # untouched
+    (f,) = shop.relay.ledger.followups_for("camille@example.org")
+    assert f.payload["ordered_pending"] is True and f.payload["ordered"] == []
+    shop.offset["s"] = 3 * DAY + 60
+    shop.wait_for(lambda: len(sink.messages) == 2, timeout=20, what="follow-up delivered")
+    follow = message_from_bytes(sink.messages[1].data, policy=default)
+    html = follow.get_body(("html",)).get_content()
+    assert "accompagner" in follow["Subject"]
+    assert "Nous espérons que votre" in html  # it knows what the signed order contained

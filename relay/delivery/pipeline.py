@@ -17,6 +17,7 @@ from relay import metrics
 from relay.config import ConfigError, Settings
 from relay.delivery.worker import Prepared
 from relay.rules import MessageFacts, RuleBook, RuleDecision, RuleError, load_or_create_secret
+from relay.rules.book import in_canary
 from relay.store.queue import Claim
 from relay.store.schema import SUPPRESSED
 from relay.transform import (
@@ -197,9 +198,11 @@ class Pipeline:
         )
         if self.skins is None:
             decisions = replace(decisions, skin=None)
+        decisions, skin_shadow, rollout = self._rollout(decisions, claim.address)
         try:
             data, report = self._transform(raw, claim, decisions)
             shadow = self._transform(raw, claim, rd.shadow)[1] if rd is not None and rd.shadow else None
+            skin_trial = self._transform(raw, claim, skin_shadow)[1] if skin_shadow is not None else None
         except DkimSigningError as e:
             metrics.transform_failures.labels(reason="dkim_signing").inc()
             return Prepared(
@@ -218,6 +221,10 @@ class Pipeline:
             offered = tuple(dict.fromkeys(p for b in shown for p in b.products))
             rd = replace(rd, decisions=replace(rd.decisions, blocks=shown), products_offered=offered)
         log_entry = report.to_dict()
+        if rollout:
+            log_entry["rollout"] = rollout
+        if skin_trial is not None:
+            log_entry["skin_shadow"] = skin_trial.to_dict()
         if rd is not None:
             log_entry["rules"] = _rules_log(rd)
             if shadow is not None:
@@ -238,6 +245,22 @@ class Pipeline:
             mail_from=rd.mail_from if rd is not None else None,
             after_sent=after_sent,
         )
+
+    def _rollout(
+        self, decisions: Decisions, recipient: str
+    ) -> tuple[Decisions, Decisions | None, str | None]:
+        """A skin in shadow mode is rendered for the log while the original goes out; a canary skin
+        wraps only its share of recipients. Returns (decisions to send, decisions to render for the log,
+        what happened)."""
+        name = decisions.skin
+        if not name or self.skins is None or name not in self.skins:
+            return decisions, None, None
+        skin = self.skins.get(name)
+        if skin.mode == "shadow":
+            return replace(decisions, skin=None), decisions, f"skin {name} in shadow mode: original sent"
+        if skin.canary < 100 and not in_canary(f"skin:{name}", recipient, skin.canary):
+            return replace(decisions, skin=None), None, f"skin {name} canary {skin.canary}%: original sent"
+        return decisions, None, None
 
     def record_sent(self, callbacks: list, now: float) -> None:
         """Runs the after-sent bookkeeping of a group of recipients in one ledger transaction."""

@@ -38,6 +38,13 @@ _NO_SET = ("content-", "x-relay-", "mime-version", "dkim-signature", "received",
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def in_canary(name: str, recipient: str, percent: float) -> bool:
+    """Whether ``recipient`` is in the ``percent`` canary of rule or skin ``name``: stable per address,
+    independent between names."""
+    h = int.from_bytes(hashlib.sha256(f"{name}\0{recipient.lower()}".encode()).digest()[:4], "big")
+    return (h % 10000) < percent * 100
+
+
 # ----------------------------------------------------------------------------- results
 
 
@@ -140,10 +147,7 @@ class Rule:
         return all(p(facts, recipient, state) for p in self.preds)
 
     def in_canary(self, recipient: str) -> bool:
-        if self.canary is None:
-            return True
-        h = int.from_bytes(hashlib.sha256(f"{self.name}\0{recipient.lower()}".encode()).digest()[:4], "big")
-        return (h % 10000) < self.canary * 100
+        return self.canary is None or in_canary(self.name, recipient, self.canary)
 
 
 @dataclass

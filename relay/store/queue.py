@@ -586,6 +586,8 @@ def _shaping(report_json: str | None) -> dict:
         "versions": {"skin": report.get("skin_version"), **(rules.get("versions") or {})},
         "transform": report.get("action"),
         "shadow": report.get("shadow"),
+        "skin_shadow": report.get("skin_shadow"),
+        "rollout": report.get("rollout"),
     }
 
 

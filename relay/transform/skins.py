@@ -48,6 +48,10 @@ class Skin:
     css: str
     brand: dict[str, Any]
     inliner: css_inline.CSSInliner
+    # roll-out, from skin.toml's [skin] table: "live", or "shadow" (rendered and logged, the original sent);
+    # canary: the percentage of recipients (stable per address) who get it, the others the original
+    mode: str = "live"
+    canary: int = 100
 
     def render_html(self, context: dict[str, Any]) -> str:
         """Render layout.html and inline style.css. ``context["content"]`` is rendered as a
@@ -128,6 +132,25 @@ SAMPLE_CONTEXT: dict[str, Any] = {
 }
 
 
+def _rollout(table: Any, toml_path: Path, source: str) -> tuple[str, int]:
+    """[skin] mode = "live" | "shadow", canary = 0..100 (percent of recipients)."""
+    if not isinstance(table, dict):
+        raise SkinError(str(toml_path), 0, "[skin] must be a table")
+
+    def line_of(key: str) -> int:
+        m = re.search(rf"^\s*{key}\s*=", source, re.MULTILINE)
+        return source.count("\n", 0, m.start()) + 1 if m else 0
+
+    mode = table.get("mode", "live")
+    if mode not in ("live", "shadow"):
+        message = f'[skin] mode must be "live" or "shadow", not {mode!r}'
+        raise SkinError(str(toml_path), line_of("mode"), message)
+    canary = table.get("canary", 100)
+    if isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary <= 100:
+        raise SkinError(str(toml_path), line_of("canary"), f"[skin] canary must be 0 to 100, not {canary!r}")
+    return mode, canary
+
+
 _HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
@@ -150,6 +173,7 @@ def _load_skin(skin_dir: Path) -> Skin:
     if not layout.is_file():
         raise SkinError(str(layout), 0, "missing layout.html")
     brand: dict[str, Any] = {}
+    mode, canary = "live", 100
     toml_path = skin_dir / "skin.toml"
     if toml_path.is_file():
         try:
@@ -165,6 +189,7 @@ def _load_skin(skin_dir: Path) -> Skin:
         if not isinstance(brand_value, dict):
             raise SkinError(str(toml_path), 0, "[brand] must be a table")
         brand = brand_value
+        mode, canary = _rollout(data.get("skin", {}), toml_path, source)
     css = ""
     css_path = skin_dir / "style.css"
     if css_path.is_file():
@@ -206,6 +231,8 @@ def _load_skin(skin_dir: Path) -> Skin:
         css=css,
         brand=brand,
         inliner=inliner,
+        mode=mode,
+        canary=canary,
     )
     ctx = dict(SAMPLE_CONTEXT, brand=brand, skin=name)
     try:  # smoke render: runtime template errors and invalid CSS show up now, with file:line

@@ -167,3 +167,20 @@ def test_follow_up_of_a_signed_order_finds_the_products_when_due(shop, sink):
     html = follow.get_body(("html",)).get_content()
     assert "accompagner" in follow["Subject"]
     assert "Nous espérons que votre" in html  # it knows what the signed order contained
+
+
+@pytest.mark.parametrize("rollout", ['mode = "shadow"', "canary = 0"])
+def test_skin_in_shadow_or_canary_sends_the_original_and_logs_why(shop, sink, rollout):
+    toml = shop.settings.paths.skins / "boutique" / "skin.toml"
+    toml.write_text(toml.read_text().replace("[skin]\n", f"[skin]\n{rollout}\n", 1))
+    time.sleep(2.2)  # picked up by the running relay
+    raw = (FIXTURES / "order_confirmation_30k.eml").read_bytes()
+    send(shop, raw)
+    shop.wait_for(lambda: shop.statuses("camille@example.org") == ["sent"], what="sent")
+    got = sink.messages[0].data
+    assert b"X-Relay-Skin" not in got and got.endswith(raw.split(b"\r\n\r\n", 1)[1])
+    entry = shop.store.history("camille@example.org")[0]
+    assert "original sent" in entry["rollout"]
+    assert entry["products"] == []  # nothing was shown, so nothing counts against the caps
+    if "shadow" in rollout:
+        assert entry["skin_shadow"]["action"] == "rewrapped" and entry["skin_shadow"]["skin"] == "boutique"

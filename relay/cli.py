@@ -307,6 +307,18 @@ def _html_of(message: bytes) -> bytes:
     return b""
 
 
+def cmd_purge(args) -> int:
+    """Log retention: removes messages older than N days whose recipients are all final."""
+    import time
+
+    if args.days <= 0:
+        print("relay purge: --days must be positive", file=sys.stderr)
+        return 2
+    n = _store(_settings(args)).purge(before=time.time() - args.days * 86400)
+    print(f"{n} message(s) older than {args.days} days removed from the log")
+    return 0
+
+
 def cmd_hash_password(args) -> int:
     """Reads one password from stdin (so scripts can pipe it) and prints its scrypt hash."""
     from relay.intake.auth import hash_password
@@ -367,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--rcpt", help="render for this recipient (default: the message's first)")
     rp.add_argument("-o", "--output", help="write here; a name ending in .html writes the HTML part alone")
     rp.set_defaults(fn=cmd_replay)
+
+    pg = with_config(sub.add_parser("purge", help="delete finished mail older than N days from the log"))
+    pg.add_argument("--days", type=float, required=True)
+    pg.set_defaults(fn=cmd_purge)
 
     hp = sub.add_parser("hash-password", help="hash a password read from stdin for [[smtp.users]]")
     hp.set_defaults(fn=cmd_hash_password)

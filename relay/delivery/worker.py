@@ -70,7 +70,6 @@ class Worker:
         self.after_sent: list[Callable[[float], None]] = []
         self._raw_cache: OrderedDict[str, bytes] = OrderedDict()
         self._wake = asyncio.Event()
-        self.delivered = 0
 
     def wake(self) -> None:
         """New mail was queued: look now rather than at the next poll."""
@@ -255,7 +254,6 @@ class Worker:
             }
         if action == SENT:
             metrics.recipients_delivered.inc()
-            self.delivered += 1
             for block in prepared.blocks if prepared else ():
                 metrics.crosssell_injected.labels(block=block).inc()
             if prepared is not None and prepared.after_sent is not None:

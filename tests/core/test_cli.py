@@ -247,3 +247,30 @@ def test_replay_rerenders_a_logged_message_with_another_skin(tmp_path):
     assert "rules=order-confirmation" in r.stderr
     r = run_cli("replay", "NOPE", "--config", str(cfg))
     assert r.returncode == 2 and "no message NOPE" in r.stderr
+
+
+def test_purge_removes_only_old_finished_mail(tmp_path):
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(f'[database]\nurl = "sqlite:///{tmp_path}/relay.db"\n')
+    from relay import config
+    from relay.store.database import make_engine, migrate
+    from relay.store.queue import NewMessage, Outcome, Store
+
+    engine = make_engine(config.load(cfg).database.url)
+    migrate(engine)
+    store = Store(engine)
+    old = 1_000_000.0
+    store.enqueue(
+        [
+            NewMessage(
+                q, "s@x.org", (f"{q}@x.org",), b"Subject: x\r\n\r\nx\r\n", "t", "127.0.0.1", received_at=old
+            )
+            for q in ("OLDSENT", "OLDPENDING")
+        ]
+    )
+    (c,) = [c for c in store.claim("w", 10, 60, now=old + 1) if c.queue_id == "OLDSENT"]
+    store.record("w", [Outcome(c.id, c.queue_id, c.address, "sent", "250 ok")])
+    engine.dispose()
+    r = run_cli("purge", "--config", str(cfg), "--days", "30")
+    assert r.returncode == 0 and r.stdout.startswith("1 message(s)"), r.stderr
+    assert run_cli("purge", "--config", str(cfg), "--days", "0").returncode == 2

@@ -109,7 +109,7 @@ class SmtpUpstream:
         options = []
         if client.supports_extension("size"):
             options.append(f"SIZE={len(data)}")
-        if client.supports_extension("8bitmime") and _has_8bit(data):
+        if client.supports_extension("8bitmime") and not data.isascii():
             options.append("BODY=8BITMIME")
         utf8 = not (mail_from.isascii() and rcpt.isascii())
         if utf8:
@@ -139,14 +139,6 @@ class SmtpUpstream:
             except Exception:  # noqa: BLE001
                 pass
             self._drop(client)
-
-
-def _has_8bit(data: bytes) -> bool:
-    try:
-        data.decode("ascii")
-        return False
-    except UnicodeDecodeError:
-        return True
 
 
 class OutboxUpstream:

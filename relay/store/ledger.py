@@ -24,13 +24,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from relay.store.database import StoreError, transaction
-from relay.store.schema import followups, offers, rule_sends, suppressions
+from relay.store.schema import address_key, followups, offers, rule_sends, suppressions
 
 PENDING, DONE, CANCELLED = "pending", "done", "cancelled"
-
-
-def key(address: str) -> str:
-    return address.strip().strip("<>").lower()
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ class Ledger:
 
     def add_suppression(self, address: str, *, reason: str = "manual", source: str = "", now: float) -> bool:
         """Suppress marketing to ``address`` and cancel its pending follow-ups. False if already there."""
-        k = key(address)
+        k = address_key(address)
 
         def tx(conn):  # noqa: ANN001, ANN202
             conn.execute(
@@ -117,7 +113,9 @@ class Ledger:
         return bool(
             self._run(
                 lambda c: (
-                    c.execute(delete(suppressions).where(suppressions.c.address_key == key(address))).rowcount
+                    c.execute(
+                        delete(suppressions).where(suppressions.c.address_key == address_key(address))
+                    ).rowcount
                 )
             )
         )
@@ -126,7 +124,9 @@ class Ledger:
         return (
             self._run(
                 lambda c: c.execute(
-                    select(suppressions.c.address_key).where(suppressions.c.address_key == key(address))
+                    select(suppressions.c.address_key).where(
+                        suppressions.c.address_key == address_key(address)
+                    )
                 ).first()
             )
             is not None
@@ -145,7 +145,7 @@ class Ledger:
         self, address: str, queue_id: str, products: Iterable[str], at: float, block: str = ""
     ) -> None:
         rows = [
-            dict(address_key=key(address), queue_id=queue_id, block=block, product=p, at=at)
+            dict(address_key=address_key(address), queue_id=queue_id, block=block, product=p, at=at)
             for p in dict.fromkeys(products)
         ]
         if rows:
@@ -158,7 +158,7 @@ class Ledger:
                 .select_from(offers)
                 .where(
                     and_(
-                        offers.c.address_key == key(address),
+                        offers.c.address_key == address_key(address),
                         offers.c.product == product,
                         offers.c.at >= since,
                     )
@@ -171,7 +171,7 @@ class Ledger:
         rows = self._run(
             lambda c: c.execute(
                 select(offers.c.product, func.count())
-                .where(and_(offers.c.address_key == key(address), offers.c.at >= since))
+                .where(and_(offers.c.address_key == address_key(address), offers.c.at >= since))
                 .group_by(offers.c.product)
             ).all()
         )
@@ -182,7 +182,7 @@ class Ledger:
         rows = self._run(
             lambda c: c.execute(
                 select(offers.c.queue_id, offers.c.block, offers.c.product, offers.c.at)
-                .where(offers.c.address_key == key(address))
+                .where(offers.c.address_key == address_key(address))
                 .order_by(offers.c.at.desc(), offers.c.id.desc())
                 .limit(limit)
             ).all()
@@ -202,7 +202,7 @@ class Ledger:
         self._run(
             lambda c: c.execute(
                 insert(rule_sends).values(
-                    address_key=key(address),
+                    address_key=address_key(address),
                     queue_id=queue_id,
                     category=category,
                     kind=kind,
@@ -219,7 +219,7 @@ class Ledger:
                 .select_from(rule_sends)
                 .where(
                     and_(
-                        rule_sends.c.address_key == key(address),
+                        rule_sends.c.address_key == address_key(address),
                         rule_sends.c.category == "marketing",
                         rule_sends.c.at >= since,
                     )
@@ -241,7 +241,7 @@ class Ledger:
     ) -> int | None:
         """Schedule; None when this message already scheduled this follow-up for this address."""
         values = dict(
-            address_key=key(address),
+            address_key=address_key(address),
             address=address.strip(),
             name=name,
             queue_id=queue_id,
@@ -270,7 +270,9 @@ class Ledger:
     def followups_for(self, address: str) -> list[Followup]:
         rows = self._run(
             lambda c: c.execute(
-                select(followups).where(followups.c.address_key == key(address)).order_by(followups.c.id)
+                select(followups)
+                .where(followups.c.address_key == address_key(address))
+                .order_by(followups.c.id)
             ).all()
         )
         return [_followup(r) for r in rows]
@@ -308,7 +310,9 @@ class Ledger:
             lambda c: (
                 c.execute(
                     update(followups)
-                    .where(and_(followups.c.address_key == key(address), followups.c.status == PENDING))
+                    .where(
+                        and_(followups.c.address_key == address_key(address), followups.c.status == PENDING)
+                    )
                     .values(status=CANCELLED, updated_at=now, result=reason)
                 ).rowcount
             )

@@ -26,6 +26,7 @@ from relay.store.schema import (
     QUEUED,
     SENT,
     SUPPRESSED,
+    address_key,
     events,
     messages,
     recipients,
@@ -92,10 +93,6 @@ class Outcome:
     dkim: str | None = None  # recorded on the message: the original signature's verdict
 
 
-def _key(address: str) -> str:
-    return address.strip().lower()
-
-
 class Store:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -140,7 +137,7 @@ class Store:
                     {
                         "queue_id": m.queue_id,
                         "address": rcpt,
-                        "address_key": _key(rcpt),
+                        "address_key": address_key(rcpt),
                         "status": QUEUED,
                         "attempts": 0,
                         "next_attempt_at": m.received_at,
@@ -151,7 +148,7 @@ class Store:
                 evs.append(
                     {
                         "queue_id": m.queue_id,
-                        "address_key": _key(rcpt),
+                        "address_key": address_key(rcpt),
                         "at": m.received_at,
                         "kind": "received",
                         "detail": f"from {m.source} ({m.client_addr})",
@@ -293,7 +290,7 @@ class Store:
             [
                 {
                     "queue_id": o.queue_id,
-                    "address_key": _key(o.address),
+                    "address_key": address_key(o.address),
                     "at": now,
                     "kind": o.status,
                     "detail": o.detail or o.reply[:2000],
@@ -407,7 +404,7 @@ class Store:
                         messages.c.transform_error,
                     )
                     .join(messages, messages.c.queue_id == recipients.c.queue_id)
-                    .where(recipients.c.address_key == _key(address))
+                    .where(recipients.c.address_key == address_key(address))
                     .order_by(recipients.c.id.desc())
                     .limit(limit)
                 )
@@ -419,7 +416,7 @@ class Store:
             if qids:
                 for e in conn.execute(
                     select(events.c.queue_id, events.c.at, events.c.kind, events.c.detail)
-                    .where(events.c.address_key == _key(address), events.c.queue_id.in_(qids))
+                    .where(events.c.address_key == address_key(address), events.c.queue_id.in_(qids))
                     .order_by(events.c.at, events.c.id)
                 ).mappings():
                     evs.setdefault(e["queue_id"], []).append(

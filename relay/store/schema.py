@@ -22,6 +22,12 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+
+def address_key(address: str) -> str:
+    """How an address is keyed in every address_key column (timeline, suppressions, caps, follow-ups)."""
+    return address.strip().strip("<>").lower()
+
+
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a long-lived log.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 

@@ -95,3 +95,15 @@ def test_migrations_build_exactly_the_schema(store):
 
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_timeline_and_ledger_key_addresses_alike(store):
+    """One normaliser for every address_key column: a bracketed, mixed-case address finds the same rows."""
+    from relay.store.ledger import Ledger
+
+    now = time.time()
+    _enqueue(store, 1, now, "Mixed")
+    ledger = Ledger(store.engine)
+    ledger.add_suppression("<MIXED0@X.org>", now=now)
+    assert [e["recipient"] for e in store.history(" <mixed0@x.ORG> ")] == ["Mixed0@x.org"]
+    assert ledger.is_suppressed("mixed0@x.org")

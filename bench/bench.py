@@ -665,6 +665,17 @@ def _short(frame: str) -> str:
 # ------------------------------------------------------------------------------------------ main
 
 
+def quick_summary(res: dict) -> None:
+    """--throughput-only: the medians and per-round ratios, for tuning between full runs."""
+    rounds = res["rounds"]
+    for name in rounds[0]:
+        rates = [r[name]["rate"] for r in rounds]
+        base = "postfix-signed" if name.endswith("-signed") and name != "postfix-signed" else "postfix"
+        ratios = [r[name]["rate"] / r[base]["rate"] for r in rounds if r[base]["rate"]]
+        print(f"{name:<26} median {median(rates):7.1f} msgs/s  x{base} {median(ratios):.2f}  "
+              f"rounds {' '.join(f'{x:.0f}' for x in rates)}")
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -678,8 +689,9 @@ def run(args) -> dict:
     started = []
     pg_name = None
     try:
-        log("transform (one core)")
-        results["transform"] = transform_figures(args.transform_iterations)
+        if not args.throughput_only:
+            log("transform (one core)")
+            results["transform"] = transform_figures(args.transform_iterations)
 
         msg_html, msg_signed = tmp / "order.eml", tmp / "signed.eml"
         msg_html.write_bytes(messages.for_smtp_source(messages.order_confirmation()))
@@ -696,6 +708,8 @@ def run(args) -> dict:
 
         systems = {"relay-sqlite": f"sqlite:///{tmp / 'relay-sqlite.db'}"}
         try:
+            if args.throughput_only:
+                raise RuntimeError("--throughput-only")
             import psycopg
 
             pg_name = f"relay_bench_{secrets.token_hex(4)}"
@@ -724,7 +738,8 @@ def run(args) -> dict:
         # warm-up, also sizes each run to ~args.seconds of load
         sizes: dict[str, int] = {}
         log("warm-up")
-        for label, system in [("postfix", pf), *relays.items(), ("passthrough", pt)]:
+        ceiling = [] if args.throughput_only else [("passthrough", pt)]
+        for label, system in [("postfix", pf), *relays.items(), *ceiling]:
             if system is not pf:
                 system.start()
             r = measure(f"warm-up {label}", system, msg_html, args.warmup)
@@ -743,11 +758,14 @@ def run(args) -> dict:
                 if name == "relay-sqlite":
                     row[name + "-signed"] = measure(name + " signed", relay, msg_signed, sizes[name])
                 relay.stop()
-            pt.start()
-            row["passthrough"] = measure("passthrough (2 procs)", pt, msg_html, sizes["passthrough"])
-            pt.stop()
+            if ceiling:
+                pt.start()
+                row["passthrough"] = measure("passthrough (2 procs)", pt, msg_html, sizes["passthrough"])
+                pt.stop()
             results["rounds"].append(row)
 
+        if args.throughput_only:
+            return results
         # latency and delivery lag: the same systems, upstream = the stamping sink
         stamp = StampSink(free_port(), tmp / "stamps.jsonl")
         started.append(stamp)
@@ -929,11 +947,18 @@ def main() -> None:
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--profile-seconds", type=float, default=8.0)
     p.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
+    p.add_argument("--throughput-only", action="store_true",
+                   help="a quick check while tuning: Postfix and relay-sqlite throughput only, printed and "
+                        "written to bench/out/quick.json, RESULTS.md untouched")
     a = p.parse_args()
     for tool in ("smtp-source", "smtp-sink", "postfix", "postconf"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found; run bench/run.sh (installs Debian's postfix)")
     res = run(a)
+    if a.throughput_only:
+        (OUT / "quick.json").write_text(json.dumps(res, indent=1, default=str))
+        quick_summary(res)
+        return
     (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
     text = report(res)
     a.results.write_text(text)

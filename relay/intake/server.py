@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import logging
 import re
@@ -16,12 +17,13 @@ from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from relay import metrics
 from relay.config import SmtpSettings
 from relay.intake import replies
 from relay.intake.auth import Authenticator, user_of
+from relay.intake.data import read_data
 from relay.intake.policy import RateLimiter, SessionCounter
 from relay.store.committer import GroupCommitter
 from relay.store.database import StoreError
@@ -33,6 +35,10 @@ _HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}")
 _EHLO_KEEP = ("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS", "AUTH")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# <dot-atom@host.name>: what nearly every client sends in MAIL and RCPT; anything else goes to aiosmtpd
+_PLAIN_PATH = re.compile(rf"<((?:{_ATOM}(?:\.{_ATOM})*)@{_LABEL}(?:\.{_LABEL})*)>")
 
 
 class RelaySMTP(SMTP):
@@ -43,6 +49,11 @@ class RelaySMTP(SMTP):
         self.intake = handler
         self._refused = False
         self._bare_replies = False
+
+    def __dir__(self) -> list[str]:
+        """aiosmtpd's constructor scans ``dir()`` of the protocol and of the handler, with a getattr per
+        name, for its smtp_/auth_/handle_ methods: 0.2 ms per connection. Both list only those."""
+        return _hook_names(type(self))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection, not the STARTTLS upgrade of one
@@ -69,14 +80,60 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     async def smtp_DATA(self, arg: str) -> None:
-        """The whole DATA phase is bounded: a client trickling bytes cannot hold a session forever."""
+        """aiosmtpd's DATA with the data read in chunks (relay.intake.data) and the whole read bounded:
+        a client trickling bytes cannot hold a session forever."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            await asyncio.wait_for(super().smtp_DATA(arg), self.intake.settings.data_timeout)
+            got = await asyncio.wait_for(
+                read_data(self._reader, size_limit=self.data_size_limit, line_limit=self.line_length_limit),
+                self.intake.settings.data_timeout,
+            )
         except TimeoutError:
             metrics.messages_refused.labels(reason="data_timeout").inc()
             await self.push(replies.DATA_TIMEOUT)
             if self.transport is not None:
                 self.transport.close()
+            return
+        if got.closed:
+            log.info("client went away during DATA")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if got.refusal is not None:
+            if got.refusal == "too_long":
+                await self.push(replies.LINE_TOO_LONG)
+            else:
+                metrics.messages_refused.labels(reason="too_big").inc()
+                await self.push(replies.MESSAGE_TOO_BIG.format(limit=self.data_size_limit))
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = got.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """A plain ``<local@domain>`` without aiosmtpd's RFC 5322 parser (70 us per address, a fifth of
+        the intake's command handling); the result is the same, which a test checks. Input that makes
+        that parser raise is a syntax error for the client, not a local problem."""
+        m = _PLAIN_PATH.match(arg)
+        if m is not None and "(" not in arg:  # a comment after the path: aiosmtpd's parser drops it
+            addr = m.group(1)
+            if not self.local_part_limit or addr.rindex("@") <= self.local_part_limit:
+                return addr, arg[m.end():].lstrip()
+        try:
+            return super()._getaddr(arg)
+        except Exception:  # noqa: BLE001 - the stdlib parser trips on some input ("0@", "0@["): the
+            return None, None  # client gets aiosmtpd's 553 malformed address, not a 451 local error
 
     @property
     def in_transaction(self) -> bool:
@@ -117,6 +174,9 @@ class IntakeHandler:
         self.authenticator = Authenticator(settings)
         self.rates = RateLimiter()
         self.user_sessions = SessionCounter()
+
+    def __dir__(self) -> list[str]:  # see RelaySMTP.__dir__
+        return _hook_names(type(self))
 
     # -- connection policy --------------------------------------------------------------------------
 
@@ -255,6 +315,11 @@ class IntakeHandler:
                     pass
                 if s.transport is not None:  # the push may have seen the peer go
                     s.transport.close()
+
+
+@functools.cache
+def _hook_names(cls: type) -> list[str]:
+    return sorted(n for n in dir(cls) if n.startswith(("smtp_", "auth_", "handle_")))
 
 
 def _peer_host(session: Session) -> str:

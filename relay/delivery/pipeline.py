@@ -35,6 +35,9 @@ from relay.transform._raw import split_message
 log = logging.getLogger(__name__)
 
 RELOAD_EVERY = 2.0  # seconds between checks of the skins folder for edits
+FACTS_CACHE = 64  # messages whose parsed facts are kept for their other recipients...
+FACTS_CACHE_BYTES = 64 * 1024 * 1024  # ...up to this much raw message in all
+KEEP_PARSE_BELOW = 4 * 1024 * 1024  # a bigger message's MIME tree is dropped after each recipient
 
 
 def load_dkim_keys(settings: Settings) -> dict[str, DkimKey]:
@@ -67,6 +70,7 @@ class Pipeline:
         self._checked = 0.0
         self._verified: dict[str, str] = {}
         self._facts: OrderedDict[str, MessageFacts] = OrderedDict()
+        self._facts_bytes = 0
         self._load_skins()
         self._load_rules()
 
@@ -143,8 +147,11 @@ class Pipeline:
                 raw, source=claim.source, mail_from=claim.mail_from, client_addr=claim.client_addr or None
             )
             self._facts[claim.queue_id] = facts
-            while len(self._facts) > 64:
-                self._facts.popitem(last=False)
+            self._facts_bytes += len(raw)
+            while len(self._facts) > 1 and (
+                len(self._facts) > FACTS_CACHE or self._facts_bytes > FACTS_CACHE_BYTES
+            ):
+                self._facts_bytes -= len(self._facts.popitem(last=False)[1].raw)
         return facts
 
     def decide(self, raw: bytes, claim: Claim) -> RuleDecision | None:
@@ -160,6 +167,7 @@ class Pipeline:
         return out[0]
 
     def _transform(self, raw: bytes, claim: Claim, decisions: Decisions):
+        facts = self.facts(raw, claim)
         return transform_fail_open(
             raw,
             time_limit=self.settings.delivery.transform_time_limit,
@@ -171,6 +179,7 @@ class Pipeline:
             dkim_keys=self.dkim_keys,
             dmarc_strict_domains=self.strict,
             html_budget=self.settings.rewrap.html_budget,
+            parse=lambda: facts.message,  # one MIME parse for the rules and every rewrap of the message
         )
 
     def __call__(self, raw: bytes, claim: Claim) -> Prepared:
@@ -205,9 +214,11 @@ class Pipeline:
             skin_trial = self._transform(raw, claim, skin_shadow)[1] if skin_shadow is not None else None
         except DkimSigningError as e:
             metrics.transform_failures.labels(reason="dkim_signing").inc()
+            self._forget_parse(raw, claim)
             return Prepared(
                 data=raw, defer=f"4.7.0 DKIM signing failed, not sent unsigned: {e}"[:300], dkim=dkim
             )
+        self._forget_parse(raw, claim)
         metrics.transform_actions.labels(action=report.action).inc()
         if report.action == "failed":
             reason = "time_limit" if "Timeout" in report.reason else "exception"
@@ -245,6 +256,11 @@ class Pipeline:
             mail_from=rd.mail_from if rd is not None else None,
             after_sent=after_sent,
         )
+
+    def _forget_parse(self, raw: bytes, claim: Claim) -> None:
+        """A big message's MIME tree is several times its size: not kept between recipients."""
+        if len(raw) >= KEEP_PARSE_BELOW:
+            self.facts(raw, claim).__dict__.pop("message", None)
 
     def _rollout(
         self, decisions: Decisions, recipient: str

@@ -8,7 +8,8 @@ import email
 import re
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from email.message import Message
 from email.utils import getaddresses
 from typing import Any
 
@@ -163,10 +164,13 @@ def transform(
     dkim_keys: Mapping[str, DkimKey] | None = None,
     dmarc_strict_domains: frozenset[str] = frozenset(),
     html_budget: int = 102_000,
+    parse: Callable[[], Message] | None = None,
 ) -> tuple[bytes, Report]:
     """Rewrap ``raw`` in the chosen skin for ``recipient``; see README.md for every rule.
 
     ``mail_from``: the envelope sender; "" or "<>" is a bounce (passed through); None = unknown.
+    ``parse``: returns the caller's compat32 parse of ``raw`` (the rules parsed it already); it is
+    read, never changed. Called only when the message gets past the header checks.
     Raises on internal errors (use ``transform_fail_open`` in the delivery path) and
     DkimSigningError when a configured key cannot sign (defer the message).
     """
@@ -195,7 +199,7 @@ def transform(
     skin = skins.get(decisions.skin)  # UnknownSkin: fail open upstream
 
     # --- parse (compat32) and look for structures we must not touch
-    msg = email.message_from_bytes(raw)
+    msg = parse() if parse is not None else email.message_from_bytes(raw)
     reason = _mime.structural_passthrough(msg)
     if reason:
         return passthrough(reason, None)

@@ -874,11 +874,21 @@ def _attachments(msg: Message, skip: set[int] = frozenset()) -> Counter:
         (
             part.get_content_type(),
             part.get_filename(),
-            hashlib.sha256(part.get_payload(decode=True) or b"").digest(),
+            hashlib.sha256(_canonical(part)).digest(),
         )
         for part in msg.walk()
         if is_attachment_like(part) and id(part) not in skip
     )
+
+
+def _canonical(part: Message) -> bytes:
+    """The decoded body; line ends unified unless it is base64. In a 7bit, 8bit or quoted-printable
+    body a line end is CRLF on the wire whatever the sender wrote (SMTP carries lines), so a part with
+    mixed CRLF and LF (hypothesis made one) may come out with one kind without losing anything."""
+    data = part.get_payload(decode=True) or b""
+    if (part.get("content-transfer-encoding") or "").strip().lower() == "base64":
+        return data
+    return re.sub(rb"\r?\n", b"\n", data)
 
 
 _ACTIVE_TAGS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email
 import re
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from relay.transform import Block, Decisions
 
 from .conftest import (
+    FIXTURES,
     assert_safe,
     attachments,
     header_count,
@@ -253,3 +255,30 @@ def test_unknown_skin_raises(skins):
 def test_invalid_queue_id(skins):
     with pytest.raises(ValueError):
         run(load("latin1_text_qp.eml"), skins, queue_id="a\r\nBcc: x")
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.name for p in FIXTURES.glob("*.eml"))
+    + sorted(f"hostile/{p.name}" for p in FIXTURES.glob("hostile/*.eml")),
+)
+def test_a_shared_parse_gives_the_same_bytes_and_is_left_unchanged(skins, name):
+    """The worker hands the rules' MIME parse to the rewrap: the output must not depend on it, and the
+    tree must come out as it went in (the next recipient of the message reads it again)."""
+    raw = load(name)
+    shared = email.message_from_bytes(raw)
+    before = _snapshot(shared)
+    decisions = Decisions(skin="plain", blocks=(Block(name="b", html="<p>Vous aimerez</p>"),))
+    alone = run(raw, skins, decisions=decisions)
+    first = run(raw, skins, decisions=decisions, parse=lambda: shared)
+    second = run(raw, skins, decisions=decisions, parse=lambda: shared)
+    assert alone[0] == first[0] == second[0]
+    assert _snapshot(shared) == before
+
+
+def _snapshot(msg) -> list:
+    return [
+        (part.items(), part.get_unixfrom(), part.preamble, part.epilogue,
+         part._payload if isinstance(part._payload, str) else [id(p) for p in part._payload])
+        for part in msg.walk()
+    ]

@@ -91,7 +91,10 @@ def _dot_stuff(raw: bytes) -> bytes:
     return re.sub(rb"(?m)^\.", b"..", body)
 
 
-async def probe(port: int, count: int, sessions: int, seconds: float, kind: str, tag: str) -> dict:
+async def probe(
+    port: int, count: int, sessions: int, seconds: float, kind: str, tag: str, rate: float = 0.0
+) -> dict:
+    """``rate`` > 0: message i starts no earlier than i / rate seconds in (a paced, light load)."""
     base = messages.signed_order_confirmation() if kind == "signed" else messages.order_confirmation()
     results: list[dict] = []
     errors: dict[str, int] = {}
@@ -103,6 +106,8 @@ async def probe(port: int, count: int, sessions: int, seconds: float, kind: str,
         while next_i < count and time.monotonic() < deadline:
             i = next_i
             next_i += 1
+            if rate > 0:
+                await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
             mid = f"{tag}-{i}@bench.invalid"
             body = _dot_stuff(messages.with_message_id(base, mid))
             try:
@@ -199,6 +204,7 @@ def main() -> None:
     pr.add_argument("--seconds", type=float, default=60.0)
     pr.add_argument("--kind", choices=("html", "signed"), default="html")
     pr.add_argument("--tag", default="probe")
+    pr.add_argument("--rate", type=float, default=0.0, help="msgs per second (0: as fast as replies come)")
     pr.add_argument("--out", type=Path, required=True)
     sk = sub.add_parser("sink")
     sk.add_argument("--port", type=int, required=True)
@@ -207,7 +213,7 @@ def main() -> None:
     a = p.parse_args()
     run = uvloop.run if uvloop else asyncio.run
     if a.cmd == "probe":
-        res = run(probe(a.port, a.count, a.sessions, a.seconds, a.kind, a.tag))
+        res = run(probe(a.port, a.count, a.sessions, a.seconds, a.kind, a.tag, a.rate))
         a.out.write_text(json.dumps(res))
     else:
         run(sink(a.port, a.out, a.max_seconds))

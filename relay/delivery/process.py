@@ -39,6 +39,7 @@ async def run_worker(
 ) -> None:
     worker = build_worker(settings)
     gc.freeze()  # skins, rules, catalog and libraries: long-lived, not worth the collector's scans
+    log.info("delivery worker ready (pid %d)", os.getpid())
     loop = asyncio.get_running_loop()
     if wake_fd is not None:
 

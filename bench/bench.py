@@ -943,6 +943,9 @@ def report(res: dict) -> str:
     if "profile" in res:
         L += ["", "## Profile of the relay under load (py-spy, SQLite, smtp-source 20 sessions)", "", "```",
               res["profile"], "```"]
+    changes = BENCH / "PROFILE_CHANGES.md"
+    if changes.exists():
+        L += ["", changes.read_text().strip()]
     if "queue_scale" in res:
         L += ["", "## Queue operations at scale (bench/queue_scale.py)", "", res["queue_scale"]["markdown"]]
     if "pg_error" in res:

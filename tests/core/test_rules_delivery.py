@@ -106,7 +106,7 @@ def test_follow_up_becomes_due_and_is_delivered(shop, sink):
     time.sleep(2.5)
     assert len(sink.messages) == 1  # not before its time
     shop.offset["s"] = 3 * DAY + 60
-    shop.wait_for(lambda: len(sink.messages) == 2, timeout=20, what="follow-up delivered")
+    shop.wait_for(lambda: len(sink.messages) == 2, timeout=60, what="follow-up delivered")
     follow = message_from_bytes(sink.messages[1].data, policy=default)
     assert "accompagner" in follow["Subject"]
     entry = shop.store.history("camille@example.org")[0]
@@ -162,7 +162,7 @@ def test_follow_up_of_a_signed_order_finds_the_products_when_due(shop, sink):
     (f,) = shop.relay.ledger.followups_for("camille@example.org")
     assert f.payload["ordered_pending"] is True and f.payload["ordered"] == []
     shop.offset["s"] = 3 * DAY + 60
-    shop.wait_for(lambda: len(sink.messages) == 2, timeout=20, what="follow-up delivered")
+    shop.wait_for(lambda: len(sink.messages) == 2, timeout=60, what="follow-up delivered")
     follow = message_from_bytes(sink.messages[1].data, policy=default)
     html = follow.get_body(("html",)).get_content()
     assert "accompagner" in follow["Subject"]

@@ -67,9 +67,12 @@ def _busy(error: OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def transaction(engine: Engine, fn: Callable[[Connection], T]) -> T:
+def transaction(
+    engine: Engine, fn: Callable[[Connection], T], *, busy_deadline: float | None = BUSY_DEADLINE
+) -> T:
     """Runs ``fn(conn)`` in one transaction. On SQLite a locked database is retried (the whole
-    transaction, so ``fn`` must only touch the database) with short sleeps, up to BUSY_DEADLINE."""
+    transaction, so ``fn`` must only touch the database) with short sleeps, up to ``busy_deadline``
+    seconds; None: no retry, the lock error is raised at once."""
     delay, started = 0.0001, time.monotonic()
     while True:
         try:
@@ -78,10 +81,10 @@ def transaction(engine: Engine, fn: Callable[[Connection], T]) -> T:
         except OperationalError as e:
             if engine.dialect.name != "sqlite" or not _busy(e):
                 raise
-            if time.monotonic() - started > BUSY_DEADLINE:
+            if busy_deadline is None or time.monotonic() - started > busy_deadline:
                 raise
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.005)
+            delay = min(delay * 1.5, 0.001)
 
 
 def migrate(engine: Engine) -> None:

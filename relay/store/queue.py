@@ -93,6 +93,39 @@ class Outcome:
     dkim: str | None = None  # recorded on the message: the original signature's verdict
 
 
+# Statements a worker runs for every batch of outcomes, built once (see Store.record).
+_RECORD_OUTCOME = (
+    update(recipients)
+    .where(
+        recipients.c.id == bindparam("b_id"),
+        recipients.c.claimed_by == bindparam("b_worker"),
+        recipients.c.status == ACTIVE,
+    )
+    .values(
+        status=bindparam("b_status"),
+        last_reply=bindparam("b_reply"),
+        next_attempt_at=bindparam("b_next"),
+        attempts=recipients.c.attempts + 1,
+        claimed_until=None,
+        claimed_by=None,
+        crashes=0,
+        updated_at=bindparam("b_now"),
+        skin=bindparam("b_skin"),
+        blocks=bindparam("b_blocks"),
+        report=bindparam("b_report"),
+    )
+)
+_INSERT_EVENT = insert(events)
+_NOTE_ON_MESSAGE = (
+    update(messages)
+    .where(messages.c.queue_id == bindparam("b_qid"))
+    .values(
+        transform_error=func.coalesce(bindparam("b_err"), messages.c.transform_error),
+        dkim=func.coalesce(bindparam("b_dkim"), messages.c.dkim),
+    )
+)
+
+
 class Store:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -242,77 +275,51 @@ class Store:
         )
 
     def record(self, worker: str, outcomes: Sequence[Outcome], now: float | None = None) -> int:
-        """Writes a group of outcomes; returns how many were still this worker's to write."""
+        """Writes a group of outcomes; returns how many were still this worker's to write.
+
+        Everything but the statements (JSON, address keys) is prepared before the transaction: on
+        SQLite the write lock is held from the first statement to the commit, and intake waits for it.
+        """
         if not outcomes:
             return 0
         now = time.time() if now is None else now
-        return self._run(self._record, worker, outcomes, now)
-
-    @staticmethod
-    def _record(conn, worker: str, outcomes: Sequence[Outcome], now: float) -> int:
-        params = [
+        updates = [
             {
                 "b_id": o.id,
                 "b_worker": worker,
                 "b_status": o.status,
                 "b_reply": o.reply[:2000],
                 "b_next": o.next_attempt_at if o.next_attempt_at is not None else now,
+                "b_now": now,
                 "b_skin": o.skin,
                 "b_blocks": json.dumps(list(o.blocks)) if o.blocks else None,
                 "b_report": json.dumps(o.report) if o.report else None,
             }
             for o in outcomes
         ]
-        stmt = (
-            update(recipients)
-            .where(
-                recipients.c.id == bindparam("b_id"),
-                recipients.c.claimed_by == bindparam("b_worker"),
-                recipients.c.status == ACTIVE,
-            )
-            .values(
-                status=bindparam("b_status"),
-                last_reply=bindparam("b_reply"),
-                next_attempt_at=bindparam("b_next"),
-                attempts=recipients.c.attempts + 1,
-                claimed_until=None,
-                claimed_by=None,
-                crashes=0,
-                updated_at=now,
-                skin=bindparam("b_skin"),
-                blocks=bindparam("b_blocks"),
-                report=bindparam("b_report"),
-            )
-        )
-        written = conn.execute(stmt, params).rowcount
-        conn.execute(
-            insert(events),
-            [
-                {
-                    "queue_id": o.queue_id,
-                    "address_key": address_key(o.address),
-                    "at": now,
-                    "kind": o.status,
-                    "detail": o.detail or o.reply[:2000],
-                }
-                for o in outcomes
-            ],
-        )
+        evs = [
+            {
+                "queue_id": o.queue_id,
+                "address_key": address_key(o.address),
+                "at": now,
+                "kind": o.status,
+                "detail": o.detail or o.reply[:2000],
+            }
+            for o in outcomes
+        ]
         notes = [
             {"b_qid": o.queue_id, "b_err": (o.transform_error or "")[:2000] or None, "b_dkim": o.dkim}
             for o in outcomes
             if o.transform_error or (o.dkim and o.dkim != "none")
         ]
+        return self._run(self._record, updates, evs, notes)
+
+    @staticmethod
+    def _record(conn, updates: list[dict], evs: list[dict], notes: list[dict]) -> int:
+        written = conn.execute(_RECORD_OUTCOME, updates).rowcount
+        conn.execute(_INSERT_EVENT, evs)
         if notes:
-            conn.execute(
-                update(messages)
-                .where(messages.c.queue_id == bindparam("b_qid"))
-                .values(
-                    transform_error=func.coalesce(bindparam("b_err"), messages.c.transform_error),
-                    dkim=func.coalesce(bindparam("b_dkim"), messages.c.dkim),
-                ),
-                notes,
-            )
+            conn.execute(_NOTE_ON_MESSAGE, notes)
         return written
 
     def recover_expired(self, max_crashes: int, now: float | None = None, *, all_active: bool = False) -> int:

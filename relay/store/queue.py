@@ -116,6 +116,51 @@ _RECORD_OUTCOME = (
     )
 )
 _INSERT_EVENT = insert(events)
+
+
+def _claim_statement(postgres: bool):
+    due = (
+        select(recipients.c.id)
+        .where(
+            recipients.c.status == bindparam("c_status"),
+            recipients.c.next_attempt_at <= bindparam("c_due"),
+        )
+        .order_by(recipients.c.next_attempt_at)
+        .limit(bindparam("c_n"))
+    )
+    if postgres:
+        due = due.with_for_update(skip_locked=True)
+    return (
+        update(recipients)
+        .where(recipients.c.id.in_(due.scalar_subquery()))
+        .values(
+            status=ACTIVE,
+            claimed_by=bindparam("c_worker"),
+            claimed_until=bindparam("c_until"),
+            updated_at=bindparam("c_now"),
+        )
+        .returning(recipients.c.id)
+    )
+
+
+# Store.claim's statements, built once: on SQLite the write lock is held from the first claim UPDATE to
+# the commit, so nothing but the statements themselves should run in between.
+_CLAIM, _CLAIM_PG = _claim_statement(False), _claim_statement(True)
+_CLAIMED_ROWS = (
+    select(
+        recipients.c.id,
+        recipients.c.queue_id,
+        recipients.c.address,
+        recipients.c.attempts,
+        messages.c.mail_from,
+        messages.c.received_at,
+        messages.c.source,
+        messages.c.client_addr,
+    )
+    .join(messages, messages.c.queue_id == recipients.c.queue_id)
+    .where(recipients.c.id.in_(bindparam("c_ids", expanding=True)))
+    .order_by(recipients.c.id)
+)
 _NOTE_ON_MESSAGE = (
     update(messages)
     .where(messages.c.queue_id == bindparam("b_qid"))
@@ -200,44 +245,15 @@ class Store:
     def _claim(self, conn, worker: str, limit: int, lease: float, now: float) -> list[Claim]:
         claimed: list[int] = []
         retry_share = max(1, limit // 4)
+        take = _CLAIM_PG if self.postgres else _CLAIM
         for status, n in ((QUEUED, limit), (DEFERRED, None)):
             n = n if n is not None else max(retry_share, limit - len(claimed))
-            due = (
-                select(recipients.c.id)
-                .where(recipients.c.status == status, recipients.c.next_attempt_at <= now)
-                .order_by(recipients.c.next_attempt_at)
-                .limit(n)
-            )
-            if self.postgres:
-                due = due.with_for_update(skip_locked=True)
-            ids = (
-                conn.execute(
-                    update(recipients)
-                    .where(recipients.c.id.in_(due.scalar_subquery()))
-                    .values(status=ACTIVE, claimed_by=worker, claimed_until=now + lease, updated_at=now)
-                    .returning(recipients.c.id)
-                )
-                .scalars()
-                .all()
-            )
-            claimed.extend(ids)
+            params = {"c_status": status, "c_due": now, "c_n": n, "c_worker": worker,
+                      "c_until": now + lease, "c_now": now}
+            claimed.extend(conn.execute(take, params).scalars().all())
         if not claimed:
             return []
-        rows = conn.execute(
-            select(
-                recipients.c.id,
-                recipients.c.queue_id,
-                recipients.c.address,
-                recipients.c.attempts,
-                messages.c.mail_from,
-                messages.c.received_at,
-                messages.c.source,
-                messages.c.client_addr,
-            )
-            .join(messages, messages.c.queue_id == recipients.c.queue_id)
-            .where(recipients.c.id.in_(claimed))
-            .order_by(recipients.c.id)
-        ).all()
+        rows = conn.execute(_CLAIMED_ROWS, {"c_ids": claimed}).all()
         return [Claim(*row) for row in rows]
 
     def raw(self, queue_id: str) -> bytes | None:

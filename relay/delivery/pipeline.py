@@ -18,6 +18,7 @@ from relay.config import ConfigError, Settings
 from relay.delivery.worker import Prepared
 from relay.rules import MessageFacts, RuleBook, RuleDecision, RuleError, load_or_create_secret
 from relay.rules.book import in_canary
+from relay.store.ledger import LedgerWrites
 from relay.store.queue import Claim
 from relay.store.schema import SUPPRESSED
 from relay.transform import (
@@ -243,8 +244,8 @@ class Pipeline:
         after_sent = None
         if rd is not None and self.ledger is not None:
 
-            def after_sent(now: float, rd=rd, claim=claim) -> None:
-                rd.record(self.ledger, claim.address, claim.queue_id, now)
+            def after_sent(now: float, writes: LedgerWrites, rd=rd, claim=claim) -> None:
+                rd.record(writes, claim.address, claim.queue_id, now)
 
         return Prepared(
             data=data,
@@ -279,15 +280,14 @@ class Pipeline:
         return decisions, None, None
 
     def record_sent(self, callbacks: list, now: float) -> None:
-        """Runs the after-sent bookkeeping of a group of recipients in one ledger transaction."""
+        """The after-sent bookkeeping of a group of recipients: gathered first, then written in one short
+        ledger transaction."""
         if not callbacks or self.ledger is None:
             return
-
-        def run_all() -> None:
-            for cb in callbacks:
-                cb(now)
-
-        self.ledger.batch(run_all)
+        writes = LedgerWrites()
+        for cb in callbacks:
+            cb(now, writes)
+        self.ledger.write(writes)
 
 
 def _rules_log(rd: RuleDecision) -> dict:

@@ -42,7 +42,7 @@ class Prepared:
     dkim: str | None = None  # the original signature's verdict, recorded once per message
     reply: str | None = None  # the log's text for a recipient not sent (e.g. why it is suppressed)
     mail_from: str | None = None  # envelope sender the rules set (bounces to the brand); None: keep it
-    after_sent: Callable[[float], None] | None = None  # bookkeeping once upstream took it (caps, follow-ups)
+    after_sent: Callable[..., None] | None = None  # bookkeeping once upstream took it (caps, follow-ups)
 
 
 Prepare = Callable[[bytes, Claim], Prepared]
@@ -67,7 +67,7 @@ class Worker:
         self.name = name or worker_name()
         self.inflight: dict[int, asyncio.Task] = {}
         self.outcomes: list[Outcome] = []
-        self.after_sent: list[Callable[[float], None]] = []
+        self.after_sent: list[Callable[..., None]] = []
         self._raw_cache: OrderedDict[str, bytes] = OrderedDict()
         self._wake = asyncio.Event()
 

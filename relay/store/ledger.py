@@ -22,6 +22,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from relay.store.database import StoreError, transaction
@@ -70,12 +72,82 @@ class Followup:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
+def _send_row(address: str, queue_id: str, category: str, at: float, kind: str | None,
+              rules_version: str | None) -> dict:
+    return dict(address_key=address_key(address), queue_id=queue_id, category=category, kind=kind,
+                rules_version=rules_version, at=at)
+
+
+def _offer_rows(address: str, queue_id: str, products: Iterable[str], at: float, block: str) -> list[dict]:
+    k = address_key(address)
+    return [
+        dict(address_key=k, queue_id=queue_id, block=block, product=p, at=at) for p in dict.fromkeys(products)
+    ]
+
+
+def _followup_row(address: str, name: str, queue_id: str, due_at: float, payload: dict | None,
+                  now: float) -> dict:
+    return dict(
+        address_key=address_key(address),
+        address=address.strip(),
+        name=name,
+        queue_id=queue_id,
+        due_at=due_at,
+        status=PENDING,
+        payload=json.dumps(payload or {}, ensure_ascii=False),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+class LedgerWrites:
+    """The after-send writes of a group of recipients, gathered without touching the database; the same
+    calls as Ledger's, so ``RuleDecision.record`` fills it. ``Ledger.write`` stores it in three
+    statements, so a worker holds SQLite's write lock for those alone, not for the Python around them."""
+
+    def __init__(self) -> None:
+        self.sends: list[dict] = []
+        self.offers: list[dict] = []
+        self.followups: list[dict] = []
+
+    def record_send(self, address: str, queue_id: str, category: str, at: float, *, kind: str | None = None,
+                    rules_version: str | None = None) -> None:
+        self.sends.append(_send_row(address, queue_id, category, at, kind, rules_version))
+
+    def record_offers(self, address: str, queue_id: str, products: Iterable[str], at: float,
+                      block: str = "") -> None:
+        self.offers.extend(_offer_rows(address, queue_id, products, at, block))
+
+    def schedule_followup(self, address: str, name: str, queue_id: str, due_at: float, *,
+                          payload: dict[str, Any] | None = None, now: float) -> None:
+        self.followups.append(_followup_row(address, name, queue_id, due_at, payload, now))
+
+
 class Ledger:
     """What the rules remember per recipient. ``Ledger(engine)`` on a migrated database."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._local = threading.local()
+        dialect = sqlite_insert if engine.dialect.name == "sqlite" else pg_insert
+        # a follow-up this message already scheduled for this address is not scheduled twice
+        self._insert_followups = dialect(followups).on_conflict_do_nothing(
+            index_elements=["queue_id", "address_key", "name"]
+        )
+
+    def write(self, writes: LedgerWrites) -> None:
+        """Stores gathered after-send writes in one short transaction."""
+
+        def tx(conn):  # noqa: ANN001, ANN202
+            if writes.sends:
+                conn.execute(_INSERT_SEND, writes.sends)
+            if writes.offers:
+                conn.execute(_INSERT_OFFERS, writes.offers)
+            if writes.followups:
+                conn.execute(self._insert_followups, writes.followups)
+
+        if writes.sends or writes.offers or writes.followups:
+            self._run(tx)
 
     def batch(self, fn: Callable[[], None]) -> None:
         """Runs ``fn`` (which makes ledger calls) in one transaction: one commit for a worker's group."""
@@ -158,10 +230,7 @@ class Ledger:
     def record_offers(
         self, address: str, queue_id: str, products: Iterable[str], at: float, block: str = ""
     ) -> None:
-        rows = [
-            dict(address_key=address_key(address), queue_id=queue_id, block=block, product=p, at=at)
-            for p in dict.fromkeys(products)
-        ]
+        rows = _offer_rows(address, queue_id, products, at, block)
         if rows:
             self._run(lambda c: c.execute(_INSERT_OFFERS, rows))
 
@@ -208,14 +277,7 @@ class Ledger:
         kind: str | None = None,
         rules_version: str | None = None,
     ) -> None:
-        row = dict(
-            address_key=address_key(address),
-            queue_id=queue_id,
-            category=category,
-            kind=kind,
-            rules_version=rules_version,
-            at=at,
-        )
+        row = _send_row(address, queue_id, category, at, kind, rules_version)
         self._run(lambda c: c.execute(_INSERT_SEND, row))
 
     def marketing_count(self, address: str, since: float) -> int:
@@ -235,17 +297,7 @@ class Ledger:
         now: float,
     ) -> int | None:
         """Schedule; None when this message already scheduled this follow-up for this address."""
-        values = dict(
-            address_key=address_key(address),
-            address=address.strip(),
-            name=name,
-            queue_id=queue_id,
-            due_at=due_at,
-            status=PENDING,
-            payload=json.dumps(payload or {}, ensure_ascii=False),
-            created_at=now,
-            updated_at=now,
-        )
+        values = _followup_row(address, name, queue_id, due_at, payload, now)
         try:
             return self._run(lambda c: c.execute(_INSERT_FOLLOWUP, values).inserted_primary_key[0])
         except IntegrityError:

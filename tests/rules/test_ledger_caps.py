@@ -6,6 +6,7 @@ import argparse
 import io
 
 from relay.rules import cli_commands
+from relay.store.ledger import LedgerWrites
 
 from .conftest import T0, facts, msg
 
@@ -121,3 +122,19 @@ def test_suppress_cli(ledger):
     assert run("remove", "a@x.org") == (0, "a@x.org: removed\n")
     assert run("remove", "a@x.org") == (1, "a@x.org: not suppressed\n")
     assert run("list", "--match", "b@")[1].endswith("1 suppressed\n")
+
+
+def test_gathered_after_send_writes_land_in_one_transaction(ledger):
+    """A worker gathers the caps and follow-up writes of a group of recipients, then writes them at once;
+    a follow-up the message already scheduled is skipped, not an error that would void the rest."""
+    ledger.schedule_followup("b@x.org", "merci", "Q9", T0 + 3 * DAY, now=T0)  # from an earlier attempt
+    writes = LedgerWrites()
+    writes.record_send("B@x.org", "Q9", "marketing", T0, kind="newsletter", rules_version="r1")
+    writes.record_offers("b@x.org", "Q9", ["P1", "P2", "P1"], T0, block="cross")
+    writes.schedule_followup("b@x.org", "merci", "Q9", T0 + 3 * DAY, payload={"ordered": ["P1"]}, now=T0)
+    writes.schedule_followup("c@x.org", "merci", "Q9", T0 + 3 * DAY, now=T0)
+    ledger.write(writes)
+    assert ledger.marketing_count("b@x.org", T0) == 1
+    assert ledger.offer_counts("b@x.org", T0 - 1) == {"P1": 1, "P2": 1}
+    assert len(ledger.followups_for("b@x.org")) == 1 and len(ledger.followups_for("c@x.org")) == 1
+    ledger.write(LedgerWrites())  # nothing gathered: nothing written, no error

@@ -535,6 +535,7 @@ def transform_figures(iterations: int) -> dict:
     out: dict = {"source": str(fixture.relative_to(ROOT)) if fixture.exists() else "generated 30 KB",
                  "size": len(raw30), "note": note, "cases": {}}
     try:
+        out["reference_ms"] = reference_ms()
         for name, raw in cases.items():
             kw = dict(recipient=messages.TO, queue_id="19A2B3C4D5E6F7A8B9C0", decisions=decisions, skins=lib,
                       mail_from=messages.FROM)
@@ -555,11 +556,28 @@ def transform_figures(iterations: int) -> dict:
     return out
 
 
+def reference_ms(runs: int = 15) -> float:
+    """Median time of a fixed pure-Python workload on this core: how fast the shared machine is right
+    now, to read the transform's milliseconds against (they move together)."""
+    def work() -> int:
+        total = 0
+        for i in range(200_000):
+            total += i * i % 7
+        return total
+
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        work()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
 def merge_transform_rounds(rounds: list[dict]) -> dict:
     """Per case: the median over rounds of each round's p50 and p99, and every round's p50."""
     if "error" in rounds[0]:
         return rounds[0]
-    out = dict(rounds[0], cases={})
+    out = dict(rounds[0], cases={}, reference_rounds=[r.get("reference_ms") for r in rounds])
     for name, first in rounds[0]["cases"].items():
         per = [r["cases"][name] for r in rounds]
         out["cases"][name] = dict(first, n=sum(c["n"] for c in per),
@@ -959,8 +977,12 @@ def report(res: dict) -> str:
     else:
         L.append(f"Input: {t['source']} ({t['size']:,} bytes)."
                  + (f" Note: {t['note']}." if t["note"] else ""))
+        refs = [x for x in t.get("reference_rounds", []) if x]
         L += ["", "Measured once per round (three rounds spread over the run); p50 and p99 are the medians "
-              "of the rounds' figures.", "",
+              "of the rounds' figures."
+              + (" Machine speed at each round: a fixed pure-Python loop (`reference_ms` in bench.py) took "
+                 + " / ".join(f"{x:.1f}" for x in refs) + " ms; the transform's times scale with it."
+                 if refs else ""), "",
               "| message | n | p50 per round (ms) | p50 (ms) | p99 (ms) | action | bytes in -> out |",
               "|---|---:|---|---:|---:|---|---|"]
         for name, c in t["cases"].items():

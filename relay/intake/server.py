@@ -122,8 +122,8 @@ class RelaySMTP(SMTP):
         await self.push("250 OK" if status is MISSING else status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """A plain ``<local@domain>`` without aiosmtpd's RFC 5322 parser (70 us per address, a fifth of
-        the intake's command handling); the result is the same, which a test checks. Input that makes
+        """A plain ``<local@domain>`` without aiosmtpd's RFC 5322 parser (73 us per address, 7 % of the
+        intake's profile samples; 1 us here); the result is the same, which a test checks. Input that makes
         that parser raise is a syntax error for the client, not a local problem."""
         m = _PLAIN_PATH.match(arg)
         if m is not None and "(" not in arg:  # a comment after the path: aiosmtpd's parser drops it

@@ -116,6 +116,14 @@ _RECORD_OUTCOME = (
     )
 )
 _INSERT_EVENT = insert(events)
+_NOTE_ON_MESSAGE = (
+    update(messages)
+    .where(messages.c.queue_id == bindparam("b_qid"))
+    .values(
+        transform_error=func.coalesce(bindparam("b_err"), messages.c.transform_error),
+        dkim=func.coalesce(bindparam("b_dkim"), messages.c.dkim),
+    )
+)
 
 
 def _claim_statement(postgres: bool):
@@ -160,14 +168,6 @@ _CLAIMED_ROWS = (
     .join(messages, messages.c.queue_id == recipients.c.queue_id)
     .where(recipients.c.id.in_(bindparam("c_ids", expanding=True)))
     .order_by(recipients.c.id)
-)
-_NOTE_ON_MESSAGE = (
-    update(messages)
-    .where(messages.c.queue_id == bindparam("b_qid"))
-    .values(
-        transform_error=func.coalesce(bindparam("b_err"), messages.c.transform_error),
-        dkim=func.coalesce(bindparam("b_dkim"), messages.c.dkim),
-    )
 )
 
 

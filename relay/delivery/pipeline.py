@@ -31,7 +31,7 @@ from relay.transform import (
     transform_fail_open,
     verify_dkim,
 )
-from relay.transform._raw import split_message
+from relay.transform._raw import header_block
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Pipeline:
         """The original signature's verdict, once per message, before the rewrap breaks it."""
         if not self.settings.rewrap.verify_dkim or queue_id in self._verified:
             return None
-        head = split_message(raw)[0]
+        head = header_block(raw)
         result = "none" if b"dkim-signature:" not in head.lower() else verify_dkim(raw)
         self._verified[queue_id] = result
         if len(self._verified) > 1000:

@@ -18,6 +18,8 @@ from email.message import Message
 from email.policy import compat32
 from io import BytesIO
 
+from .parse import LeanMessage
+
 # ----------------------------------------------------------------------------- pass-through rules
 
 PASS_TYPES = {
@@ -227,7 +229,16 @@ def raw_part(part: Message, eol: bytes, *, top_level: bool = False) -> bytes:
             continue
         w(_raw_field(name, value, eol))
     w(eol)
-    if isinstance(payload, str):
+    if isinstance(part, LeanMessage) and part.spans:
+        raw = part.raw
+        for piece in part.body_pieces():
+            if isinstance(piece, bytes):
+                w(_fix_eol(piece, eol))
+            elif _eol_is(raw, *piece, eol):
+                w(memoryview(raw)[piece[0] : piece[1]])  # a big body, copied once, never a str
+            else:
+                w(_fix_eol(raw[piece[0] : piece[1]], eol))
+    elif isinstance(payload, str):
         w(_fix_eol(payload.encode("ascii", "surrogateescape"), eol))
     elif is_rfc822:
         w(raw_part(payload[0], eol))
@@ -254,6 +265,12 @@ def _generated(part: Message, eol: bytes) -> bytes:
 def _raw_field(name: str, value: str, eol: bytes) -> bytes:
     data = f"{name}: {value}".encode("ascii", "surrogateescape")
     return _fix_eol(data, eol) + eol
+
+
+def _eol_is(raw: bytes, start: int, end: int, eol: bytes) -> bool:
+    """Every line ending in raw[start:end] is already ``eol`` (counted in place, no copy)."""
+    lf, crlf = raw.count(b"\n", start, end), raw.count(b"\r\n", start, end)
+    return crlf == 0 if eol == b"\n" else lf == crlf
 
 
 def _fix_eol(data: bytes, eol: bytes) -> bytes:
@@ -293,17 +310,24 @@ def make_boundary(seed: bytes, level: int, parts: list[bytes]) -> str:
 
 
 def _multipart(
-    sub: str, boundary: str, parts: list[bytes], eol: bytes, *, extra: str = "", preamble: bytes = b""
-) -> bytes:
+    sub: str,
+    boundary: str,
+    parts: list[bytes | list[bytes]],
+    eol: bytes,
+    *,
+    extra: str = "",
+    preamble: bytes = b"",
+) -> list[bytes]:
+    """The container's chunks (a nested container is a list of chunks): joined once, at the end."""
     head = f'Content-Type: multipart/{sub};{eol.decode()} boundary="{boundary}"{extra}'.encode("ascii")
     delim = b"--" + boundary.encode("ascii")
     chunks = [head, eol, eol]
     if preamble:
         chunks += [preamble, eol]
     for p in parts:
-        chunks += [delim, eol, p, eol]
+        chunks += [delim, eol, *p, eol] if isinstance(p, list) else [delim, eol, p, eol]
     chunks += [delim, b"--"]
-    return b"".join(chunks)
+    return chunks
 
 
 _PREAMBLE = b"This is a multi-part message in MIME format."
@@ -336,7 +360,7 @@ def write_message(
         (b'Content-Type: text/plain; charset="utf-8"', b"Content-Transfer-Encoding: quoted-printable", b"")
     )
     text_part = qp + eol + text_body
-    html_part = qp.replace(b"text/plain", b"text/html") + eol + html_body
+    html_part: bytes | list[bytes] = qp.replace(b"text/plain", b"text/html") + eol + html_body
     if related:
         b_rel = make_boundary(seed, 2, raws)
         html_part = _multipart("related", b_rel, [html_part, *related], eol, extra='; type="text/html"')
@@ -347,4 +371,5 @@ def write_message(
         body = _multipart("mixed", b_mix, [alt, *attachments], eol, preamble=_PREAMBLE)
     else:
         body = _multipart("alternative", b_alt, [text_part, html_part], eol, preamble=_PREAMBLE)
-    return b"".join(header_fields) + b"MIME-Version: 1.0" + eol + body + eol
+    # one join: a big attachment is copied into the output once
+    return b"".join([*header_fields, b"MIME-Version: 1.0", eol, *body, eol])

@@ -10,26 +10,41 @@ _NAME_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _QUEUE_ID_OK = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
+def _separator(raw: bytes) -> tuple[int, int] | None:
+    """(end of the header block, start of the body), or None when no empty line ends the header."""
+    if raw.startswith(b"\r\n"):
+        return 0, 2
+    if raw.startswith(b"\n"):
+        return 0, 1
+    i = raw.find(b"\n\r\n")
+    j = raw.find(b"\n\n")
+    if i == -1 and j == -1:
+        return None
+    if j == -1 or (i != -1 and i < j):
+        return i + 1, i + 3
+    return j + 1, j + 2
+
+
 def split_message(raw: bytes) -> tuple[bytes, bytes, bytes]:
     """Return (header_block, separator, body).
 
     ``header_block`` ends with its last line's line ending (or is empty), ``separator`` is the
     empty line (b"\\r\\n", b"\\n" or b"" when the message has no body).
     """
-    if raw.startswith(b"\r\n"):
-        return b"", b"\r\n", raw[2:]
-    if raw.startswith(b"\n"):
-        return b"", b"\n", raw[1:]
-    i = raw.find(b"\n\r\n")
-    j = raw.find(b"\n\n")
-    if i == -1 and j == -1:
+    cut = _separator(raw)
+    if cut is None:
         if raw.endswith(b"\n"):
             return raw, b"", b""
         eol = b"\r\n" if b"\r\n" in raw else b"\n"
         return raw + eol, b"", b""
-    if j == -1 or (i != -1 and i < j):
-        return raw[: i + 1], b"\r\n", raw[i + 3 :]
-    return raw[: j + 1], b"\n", raw[j + 2 :]
+    head_end, body_start = cut
+    return raw[:head_end], raw[head_end:body_start], raw[body_start:]
+
+
+def header_block(raw: bytes) -> bytes:
+    """``split_message(raw)[0]`` without copying the body (a 25 MB message's body, several times over)."""
+    cut = _separator(raw)
+    return split_message(raw)[0] if cut is None else raw[: cut[0]]
 
 
 def detect_eol(header_block: bytes) -> bytes:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import email
 import re
 import signal
 import threading
@@ -18,6 +17,7 @@ from markupsafe import Markup, escape
 from . import _content as content_mod
 from . import _mime, _raw
 from . import dkim as dkim_mod
+from .parse import parse_message
 from .skins import Skin, SkinLibrary
 from .types import Decisions, DkimKey, DkimSigningError, Report, TransformTimeout
 
@@ -40,7 +40,7 @@ _TRUE = {"1", "yes", "true", "on"}
 def read_request_headers(raw: bytes) -> dict[str, str]:
     """The X-Relay-* request headers of a raw message, lower-cased names without the prefix,
     e.g. ``{"use-skin": "boutique", "no-wrap": "yes"}`` (for the rules engine)."""
-    head, _, _ = _raw.split_message(raw)
+    head = _raw.header_block(raw)
     out: dict[str, str] = {}
     for name, data in _raw.header_fields(head):
         if name in REQUEST_HEADERS and name[8:] not in out:
@@ -145,7 +145,7 @@ def passthrough_reason(
 ) -> str | None:
     """The header-level reason ``transform`` will forward ``raw`` untouched, or None (then it may still
     pass it through for its MIME structure). Cheap: lets the caller skip work only a rewrap needs."""
-    head, _sep, _rest = _raw.split_message(raw)
+    head = _raw.header_block(raw)
     values: dict[str, list[str]] = {}
     for name, data in _raw.header_fields(head):
         if name is not None:
@@ -176,7 +176,7 @@ def transform(
     """
     _raw.check_queue_id(queue_id)
     keys = dkim_keys or {}
-    head, _sep, _rest = _raw.split_message(raw)
+    head = _raw.header_block(raw)
     fields = _raw.header_fields(head)
     values: dict[str, list[str]] = {}
     for name, data in fields:
@@ -199,7 +199,7 @@ def transform(
     skin = skins.get(decisions.skin)  # UnknownSkin: fail open upstream
 
     # --- parse (compat32) and look for structures we must not touch
-    msg = parse() if parse is not None else email.message_from_bytes(raw)
+    msg = parse() if parse is not None else parse_message(raw)
     reason = _mime.structural_passthrough(msg)
     if reason:
         return passthrough(reason, None)

@@ -18,6 +18,7 @@ import aiosmtplib
 
 from relay import metrics
 from relay.config import UpstreamSettings
+from relay.delivery import streamdata
 from relay.delivery.retry import Reply
 
 
@@ -120,7 +121,10 @@ class SmtpUpstream:
         try:
             await client.mail(mail_from, options=options, encoding=encoding, timeout=s.command_timeout)
             await client.rcpt(rcpt, encoding=encoding, timeout=s.command_timeout)
-            response = await client.data(data, timeout=s.data_timeout)
+            if len(data) >= streamdata.STREAM_FROM:
+                response = await streamdata.send_data(client, data, s.data_timeout)
+            else:
+                response = await client.data(data, timeout=s.data_timeout)
         except aiosmtplib.SMTPResponseException as e:
             if e.code == 421:  # the server is closing the channel: RFC 5321 4.2.2
                 raise aiosmtplib.SMTPServerDisconnected(f"{e.code} {e.message}") from e

@@ -45,7 +45,9 @@ def cmd_serve(args) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
     from relay.app import serve
     from relay.delivery.process import run_loop
+    from relay.memory import return_big_blocks
 
+    return_big_blocks()
     run_loop(serve(settings))
     return 0
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 
+from relay import memory
 from relay.config import Settings
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ async def run_worker(
 
 def main(settings: Settings, index: int, parent_pid: int, log_level: int, wake=None) -> None:
     """Entry point of a worker process (multiprocessing spawn target)."""
+    memory.return_big_blocks()
     try:
         # Intake answers clients while they wait; delivery is background work. On a busy machine the
         # scheduler should give the intake process the CPU first (its 250 latency), the workers after.

@@ -15,7 +15,19 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.store.database import StoreError, transaction
@@ -94,6 +106,8 @@ class Outcome:
 
 
 # Statements a worker runs for every batch of outcomes, built once (see Store.record).
+BLOB_STREAM_FROM = 1024 * 1024  # a message this big is written to SQLite with the blob API
+
 _RECORD_OUTCOME = (
     update(recipients)
     .where(
@@ -190,6 +204,11 @@ class Store:
 
     @staticmethod
     def _enqueue(conn, batch: Sequence[NewMessage]) -> None:
+        # SQLite keeps a copy of every bound value in its cached statement until the next bind: a big
+        # message is written through the blob API instead (no copy, nothing kept after the commit)
+        streamed = {
+            m.queue_id for m in batch if len(m.raw) >= BLOB_STREAM_FROM and conn.dialect.name == "sqlite"
+        }
         conn.execute(
             insert(messages),
             [
@@ -203,11 +222,14 @@ class Store:
                     "message_id": m.message_id,
                     "subject": m.subject,
                     "size": len(m.raw),
-                    "raw": m.raw,
+                    "raw": b"" if m.queue_id in streamed else m.raw,
                 }
                 for m in batch
             ],
         )
+        for m in batch:
+            if m.queue_id in streamed:
+                _write_blob(conn, m.queue_id, m.raw)
         rows, evs = [], []
         for m in batch:
             for rcpt in m.recipients:
@@ -257,6 +279,8 @@ class Store:
         return [Claim(*row) for row in rows]
 
     def raw(self, queue_id: str) -> bytes | None:
+        if self.engine.dialect.name == "sqlite":
+            return self._run(_read_sqlite, queue_id)
         return self._run(
             lambda c: c.execute(select(messages.c.raw).where(messages.c.queue_id == queue_id)).scalar()
         )
@@ -615,3 +639,26 @@ def _selected(selector: Sequence[str]):
     """Recipients named by queue id or by recipient id (digits)."""
     ids = [int(s) for s in selector if s.isdigit()]
     return or_(recipients.c.queue_id.in_(selector), recipients.c.id.in_(ids))
+
+
+def _write_blob(conn, queue_id: str, raw: bytes) -> None:
+    """Writes a message's bytes into its row with SQLite's incremental blob I/O, in this transaction."""
+    where = messages.c.queue_id == queue_id
+    conn.execute(update(messages).where(where).values(raw=func.zeroblob(len(raw))))
+    rowid = conn.execute(select(literal_column("rowid")).select_from(messages).where(where)).scalar_one()
+    with conn.connection.driver_connection.blobopen("messages", "raw", rowid) as blob:
+        blob.write(raw)
+
+
+def _read_sqlite(conn, queue_id: str) -> bytes | None:
+    """A big message is read with the blob API, straight into one bytes object (a plain SELECT makes
+    SQLite assemble the value first, then Python copies it)."""
+    row = conn.execute(
+        select(literal_column("rowid"), messages.c.size).where(messages.c.queue_id == queue_id)
+    ).first()
+    if row is None:
+        return None
+    if row.size < BLOB_STREAM_FROM:
+        return conn.execute(select(messages.c.raw).where(messages.c.queue_id == queue_id)).scalar()
+    with conn.connection.driver_connection.blobopen("messages", "raw", row.rowid, readonly=True) as blob:
+        return blob.read()

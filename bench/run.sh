@@ -32,4 +32,9 @@ if need_postfix; then
 fi
 export PATH="$PATH:/usr/sbin:/usr/lib/postfix/sbin"
 
+# py-spy for the profile section of RESULTS.md (the bench extra of pyproject.toml)
+if ! command -v py-spy >/dev/null 2>&1 && [ ! -x "$(dirname "$PY")/py-spy" ]; then
+  "$PY" -m pip install --quiet 'py-spy>=0.3.14' || echo "bench: py-spy could not be installed: no profile" >&2
+fi
+
 exec "$PY" bench/bench.py "$@"

@@ -382,6 +382,16 @@ def test_25mb_message_costs_under_4x_its_size_in_each_process_and_in_the_tree(bi
     assert peak - big_run.idle_kb / 1024 < 4 * size_mb
 
 
+def test_25mb_message_peak_rss_of_every_process_is_bounded(big_run, record_property):
+    """The bound read per process (VmHWM is the kernel's peak RSS): the intake that receives the message
+    and the worker that rewraps and sends it each stay below 4 x size + 150 MB. The sum over the tree is
+    the next test."""
+    limit_mb = 4 * len(big_run.raw) / MB + 150
+    hwm = {pid: kb / 1024 for pid, kb in big_run.sampler.hwm_kb.items()}
+    record_property("big_limit_per_process_mb", round(limit_mb, 1))
+    assert len(hwm) >= 3 and max(hwm.values()) < limit_mb, hwm
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="memory: the idle tree of `relay serve` (workers = 2) is ~223 MB: three Python processes at "

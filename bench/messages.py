@@ -200,3 +200,26 @@ def with_message_id(raw: bytes, mid: str) -> bytes:
 def for_smtp_source(raw: bytes) -> bytes:
     """smtp-source -F appends CRLF to every line itself: give it LF lines."""
     return raw.replace(b"\r\n", b"\n")
+
+
+def invoice_with_pdf(total: int = 25_000_000) -> bytes:
+    """The order confirmation with a PDF attachment (random bytes in a PDF shell), ``total`` bytes in all:
+    the big-message case of issue 6 (peak RSS)."""
+    b = "_=_swift_mixed_1760425964_=_"
+    inner_b = "_=_swift_alt_1760425964_=_"
+    head = _headers(f'Content-Type: multipart/mixed; boundary="{b}"\r\n\r\n')
+    head += f"--{b}\r\nContent-Type: multipart/alternative; boundary=\"{inner_b}\"\r\n\r\n".encode()
+    head += _alternative(_html(4), inner_b) + b"\r\n"
+    head += (
+        f'--{b}\r\nContent-Type: application/pdf; name="facture-10452.pdf"\r\n'
+        'Content-Disposition: attachment; filename="facture-10452.pdf"\r\n'
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{b}--\r\n".encode()
+    pdf_size = (total - len(head) - len(tail)) * 57 // 78
+    shell = b"%%PDF-1.7\n1 0 obj\n<< /Length %d >>\nstream\n" % pdf_size
+    end = b"\nendstream\nendobj\n%%EOF\n"
+    pdf = shell + random.Random(10452).randbytes(pdf_size - len(shell) - len(end)) + end
+    enc = base64.b64encode(pdf)
+    body = b"\r\n".join(enc[i : i + 76] for i in range(0, len(enc), 76))
+    return head + body + tail

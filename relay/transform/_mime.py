@@ -209,11 +209,16 @@ def cids_of(parts: list[Message]) -> set[str]:
 _CONTENT_HEADERS = ("content-", "mime-version")
 
 
-def raw_part(part: Message, eol: bytes, *, top_level: bool = False) -> bytes:
+Chunks = list  # of bytes and memoryviews: a part that holds a big body still in the raw message
+
+
+def raw_part(part: Message, eol: bytes, *, top_level: bool = False) -> bytes | Chunks:
     """The part as bytes: its header fields as parsed and its body still encoded.
 
     For a leaf part the encoded body is copied verbatim, so the decoded content is byte-identical.
     ``top_level``: the part is the whole message; keep only its Content-* fields.
+    A part holding a lean body (``parse.LeanMessage``) comes back as Chunks, a list whose big pieces are
+    views of the raw message: the output's one join is their only copy.
     """
     payload = part._payload  # noqa: SLF001 - the still-encoded body is what we want
     is_multi = part.get_content_maintype() == "multipart" and isinstance(payload, list)
@@ -222,8 +227,15 @@ def raw_part(part: Message, eol: bytes, *, top_level: bool = False) -> bytes:
     )
     if not (isinstance(payload, str) or is_multi or is_rfc822):
         return _generated(part, eol)  # exotic message/* parts: let the stdlib write them
-    out = BytesIO()
-    w = out.write
+    out: Chunks = []
+    w = out.append
+
+    def add(chunks: bytes | Chunks) -> None:
+        if isinstance(chunks, list):
+            out.extend(chunks)
+        else:
+            w(chunks)
+
     for name, value in part._headers:  # noqa: SLF001 - raw values with their original folding
         if top_level and not name.lower().startswith(_CONTENT_HEADERS):
             continue
@@ -235,25 +247,36 @@ def raw_part(part: Message, eol: bytes, *, top_level: bool = False) -> bytes:
             if isinstance(piece, bytes):
                 w(_fix_eol(piece, eol))
             elif _eol_is(raw, *piece, eol):
-                w(memoryview(raw)[piece[0] : piece[1]])  # a big body, copied once, never a str
+                w(memoryview(raw)[piece[0] : piece[1]])  # a big body: never a str, never copied here
             else:
                 w(_fix_eol(raw[piece[0] : piece[1]], eol))
     elif isinstance(payload, str):
         w(_fix_eol(payload.encode("ascii", "surrogateescape"), eol))
     elif is_rfc822:
-        w(raw_part(payload[0], eol))
+        add(raw_part(payload[0], eol))
     else:
         boundary = (part.get_boundary() or "").encode("ascii", "surrogateescape")
         if part.preamble:
             w(_fix_eol(part.preamble.encode("ascii", "surrogateescape"), eol) + eol)
         for child in payload:
             w(b"--" + boundary + eol)
-            w(raw_part(child, eol))
+            add(raw_part(child, eol))
             w(eol)
         w(b"--" + boundary + b"--")
         if part.epilogue:
             w(eol + _fix_eol(part.epilogue.encode("ascii", "surrogateescape"), eol))
-    return out.getvalue()
+    if any(isinstance(c, memoryview) for c in out):
+        return out
+    return b"".join(out)
+
+
+def _holds(part: bytes | Chunks, marker: bytes) -> bool:
+    """``marker in`` the part's bytes. A boundary marker starts with '--' and has no line end; a view holds
+    only base64-alphabet lines (no '-') and starts after a line end, and every other seam between pieces
+    has a line end on one side: so a marker lies wholly inside one bytes piece."""
+    if isinstance(part, list):
+        return any(marker in c for c in part if isinstance(c, bytes))
+    return marker in part
 
 
 def _generated(part: Message, eol: bytes) -> bytes:
@@ -297,14 +320,14 @@ def qp_encode(text: str, eol: bytes) -> bytes:
     return out
 
 
-def make_boundary(seed: bytes, level: int, parts: list[bytes]) -> str:
+def make_boundary(seed: bytes, level: int, parts: list[bytes | Chunks]) -> str:
     """Deterministic boundary ("=_" can never occur in QP or base64 text), checked against raw parts."""
     digest = hashlib.sha256(seed).hexdigest()[:24]
     n = 0
     while True:
         boundary = f"=_relay_{digest}_{level}" + (f"_{n}" if n else "")
         marker = b"--" + boundary.encode("ascii")
-        if not any(marker in p for p in parts):
+        if not any(_holds(p, marker) for p in parts):
             return boundary
         n += 1
 
@@ -312,7 +335,7 @@ def make_boundary(seed: bytes, level: int, parts: list[bytes]) -> str:
 def _multipart(
     sub: str,
     boundary: str,
-    parts: list[bytes | list[bytes]],
+    parts: list[bytes | Chunks],
     eol: bytes,
     *,
     extra: str = "",
@@ -337,8 +360,8 @@ def write_message(
     header_fields: list[bytes],
     text_body: bytes,
     html_body: bytes,
-    related: list[bytes],
-    attachments: list[bytes],
+    related: list[bytes | Chunks],
+    attachments: list[bytes | Chunks],
     *,
     eol: bytes,
     seed: bytes,

@@ -397,7 +397,7 @@ def test_25mb_message_peak_rss_of_every_process_is_bounded(big_run, record_prope
     reason="memory: the idle tree of `relay serve` (workers = 2) is ~223 MB: three Python processes at "
     "67-77 MB RSS after importing SQLAlchemy, lxml, bs4, css-inline, Jinja2, plus the multiprocessing "
     "resource tracker, which leaves 22 MB of the 245 MB bound for a 23.8 MB message. The message itself "
-    "now costs ~3.4x its size at the peak (305 MB, from 565 MB): see the test above",
+    "now costs ~2.3x its size at the peak (278 MB, from 565 MB): see the tests above",
 )
 def test_25mb_message_peak_rss_is_bounded(big_run, record_property):
     peak, limit = _report(record_property, "big", big_run)

@@ -394,10 +394,10 @@ def test_25mb_message_peak_rss_of_every_process_is_bounded(big_run, record_prope
 
 @pytest.mark.xfail(
     strict=True,
-    reason="memory: the idle tree of `relay serve` (workers = 2) is ~223 MB: three Python processes at "
-    "67-77 MB RSS after importing SQLAlchemy, lxml, bs4, css-inline, Jinja2, plus the multiprocessing "
-    "resource tracker, which leaves 22 MB of the 245 MB bound for a 23.8 MB message. The message itself "
-    "now costs ~2.3x its size at the peak (278 MB, from 565 MB): see the tests above",
+    reason="memory: the idle tree of `relay serve` (workers = 2) is ~215 MB: three Python processes at "
+    "64-74 MB RSS after importing SQLAlchemy, lxml, css-inline, nh3, Jinja2, plus the multiprocessing "
+    "resource tracker, which leaves 30 MB of the 245 MB bound for a 23.8 MB message. The message itself "
+    "now costs ~2.3x its size at the peak (~270 MB, from 565 MB): see the tests above",
 )
 def test_25mb_message_peak_rss_is_bounded(big_run, record_property):
     peak, limit = _report(record_property, "big", big_run)
@@ -417,8 +417,8 @@ def test_1000_recipients_memory_growth_is_bounded(rcpt_run, record_property):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="memory: the idle tree of `relay serve` with workers = 2 is already ~230 MB (three Python "
-    "processes at ~72-77 MB each after importing SQLAlchemy, lxml, bs4, css-inline, Jinja2; plus the "
+    reason="memory: the idle tree of `relay serve` with workers = 2 is already ~215 MB (three Python "
+    "processes at 64-74 MB each after importing SQLAlchemy, lxml, css-inline, nh3, Jinja2; plus the "
     "multiprocessing resource tracker), above the 4 x size + 150 MB bound for a small message",
 )
 def test_1000_recipients_peak_tree_rss_is_bounded(rcpt_run):

@@ -159,6 +159,8 @@ def test_follow_up_of_a_signed_order_finds_the_products_when_due(shop, sink):
     send(shop, signed)
     shop.wait_for(lambda: shop.statuses("camille@example.org") == ["sent"], what="signed order sent")
     assert sink.messages[0].data.endswith(signed.split(b"\r\n\r\n", 1)[1])  # untouched
+    # the follow-up is scheduled by the after-sent bookkeeping, written just after the outcome
+    shop.wait_for(lambda: shop.relay.ledger.followups_for("camille@example.org"), what="follow-up scheduled")
     (f,) = shop.relay.ledger.followups_for("camille@example.org")
     assert f.payload["ordered_pending"] is True and f.payload["ordered"] == []
     shop.offset["s"] = 3 * DAY + 60

@@ -653,12 +653,17 @@ def _write_blob(conn, queue_id: str, raw: bytes) -> None:
 def _read_sqlite(conn, queue_id: str) -> bytes | None:
     """A big message is read with the blob API, straight into one bytes object (a plain SELECT makes
     SQLite assemble the value first, then Python copies it)."""
-    row = conn.execute(
-        select(literal_column("rowid"), messages.c.size).where(messages.c.queue_id == queue_id)
-    ).first()
+    row = conn.execute(_READ_SQLITE, {"q": queue_id}).first()
     if row is None:
         return None
-    if row.size < BLOB_STREAM_FROM:
-        return conn.execute(select(messages.c.raw).where(messages.c.queue_id == queue_id)).scalar()
+    if row.small is not None:
+        return row.small
     with conn.connection.driver_connection.blobopen("messages", "raw", row.rowid, readonly=True) as blob:
         return blob.read()
+
+
+# one statement: the bytes themselves when small, else where the blob API finds them
+_READ_SQLITE = select(
+    literal_column("rowid").label("rowid"),
+    case((messages.c.size < BLOB_STREAM_FROM, messages.c.raw), else_=None).label("small"),
+).where(messages.c.queue_id == bindparam("q"))

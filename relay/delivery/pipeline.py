@@ -259,7 +259,8 @@ class Pipeline:
         )
 
     def _forget_parse(self, raw: bytes, claim: Claim) -> None:
-        """A big message's MIME tree is several times its size: not kept between recipients."""
+        """A big message's MIME tree can be several times its size (a body that is not base64 is held as
+        str, line by line, when parsed): not kept between recipients."""
         if len(raw) >= KEEP_PARSE_BELOW:
             self.facts(raw, claim).__dict__.pop("message", None)
 

@@ -25,6 +25,10 @@ from relay.store.queue import NewMessage, Store
 
 log = logging.getLogger(__name__)
 
+# The inline commit runs on the event loop: a big message's write (and fdatasync) would stall every other
+# session for its duration, so it takes the thread like any message that finds the committer busy.
+INLINE_BELOW = 1024 * 1024
+
 _STOP = object()
 
 
@@ -63,7 +67,13 @@ class GroupCommitter:
 
     async def commit(self, message: NewMessage) -> None:
         """Returns once ``message`` is committed; raises StoreError (or another error) if it was not."""
-        if self.inline and not self._working and self._queue.empty() and self._commit_now(message):
+        if (
+            self.inline
+            and len(message.raw) < INLINE_BELOW
+            and not self._working
+            and self._queue.empty()
+            and self._commit_now(message)
+        ):
             return
         fut: Future = Future()
         with self._lock:

@@ -105,9 +105,9 @@ class Outcome:
     dkim: str | None = None  # recorded on the message: the original signature's verdict
 
 
-# Statements a worker runs for every batch of outcomes, built once (see Store.record).
-BLOB_STREAM_FROM = 1024 * 1024  # a message this big is written to SQLite with the blob API
+BLOB_STREAM_FROM = 1024 * 1024  # a message this big is written to and read from SQLite with the blob API
 
+# Statements a worker runs for every batch of outcomes, built once (see Store.record).
 _RECORD_OUTCOME = (
     update(recipients)
     .where(
@@ -643,9 +643,12 @@ def _selected(selector: Sequence[str]):
 
 def _write_blob(conn, queue_id: str, raw: bytes) -> None:
     """Writes a message's bytes into its row with SQLite's incremental blob I/O, in this transaction."""
-    where = messages.c.queue_id == queue_id
-    conn.execute(update(messages).where(where).values(raw=func.zeroblob(len(raw))))
-    rowid = conn.execute(select(literal_column("rowid")).select_from(messages).where(where)).scalar_one()
+    rowid = conn.execute(
+        update(messages)
+        .where(messages.c.queue_id == queue_id)
+        .values(raw=func.zeroblob(len(raw)))
+        .returning(literal_column("rowid"))
+    ).scalar_one()
     with conn.connection.driver_connection.blobopen("messages", "raw", rowid) as blob:
         blob.write(raw)
 

@@ -13,12 +13,12 @@ from relay.store.database import make_engine, migrate
 from relay.store.queue import NewMessage, Store, new_queue_id
 
 
-def _message(i: int) -> NewMessage:
+def _message(i: int, raw: bytes = b"Subject: x\r\n\r\nbody\r\n") -> NewMessage:
     return NewMessage(
         queue_id=new_queue_id(time.time()),
         mail_from="shop@boutique.example",
         recipients=(f"c{i}@example.org",),
-        raw=b"Subject: x\r\n\r\nbody\r\n",
+        raw=raw,
         source="127.0.0.1",
         client_addr="127.0.0.1",
     )
@@ -42,6 +42,24 @@ def test_idle_sqlite_store_commits_inline(tmp_path, db_url):
         committer.stop()
     assert committer.committed == 1 and len(woken) == 1
     assert committer.inline_commits == (1 if db_url.startswith("sqlite") else 0)  # PostgreSQL: the thread
+
+
+def test_a_big_message_is_committed_by_the_thread_not_on_the_event_loop(tmp_path):
+    from relay.store.committer import INLINE_BELOW
+
+    path = tmp_path / "relay.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    store = Store(engine)
+    committer = GroupCommitter(store)
+    committer.start()
+    big = _message(3, raw=b"Subject: x\r\n\r\n" + b"QUJD\r\n" * (INLINE_BELOW // 6 + 1))
+    try:
+        asyncio.run(committer.commit(big))
+    finally:
+        committer.stop()
+    assert committer.inline_commits == 0 and committer.committed == 1
+    assert store.raw(big.queue_id) == big.raw
 
 
 def test_locked_store_falls_back_to_the_thread_and_commits_once(tmp_path):

@@ -718,7 +718,8 @@ def summarize_profile(text: str, top: int = 12) -> str:
             continue
         frames = stack.split(";")
         proc = frames[0]
-        kind = "worker" if "spawn_main" in stack or "multiprocessing" in stack else "main (intake)"
+        worker = "-m relay.delivery " in proc or "run_worker" in stack  # py-spy: 'process N:"cmdline"'
+        kind = "worker" if worker else "main (intake)"
         if proc.startswith("process"):
             frames = frames[1:]
         d = by_proc.setdefault(
@@ -1067,9 +1068,9 @@ def report(res: dict) -> str:
         for what, before, top in rows:
             L.append(f"| {what} | {before:.0f} | {top:.0f} | {top - before:.0f} | {(top - before) / mb:.1f}x "
                      f"| {'yes' if top < limit else 'no'} |")
-        L += ["", "The processes: the main process (intake), two delivery workers, multiprocessing's "
-              "resource tracker. The idle tree alone is most of the bound: three Python processes that "
-              "import SQLAlchemy, lxml, css-inline, nh3 and Jinja2."]
+        L += ["", "The processes: the main process (intake, HTTP) and two delivery workers. The idle tree "
+              "is most of the bound: three Python processes that import SQLAlchemy, and in the workers "
+              "lxml, css-inline, nh3 and Jinja2; their shared libraries count in each process's RSS."]
     t = res["transform"]
     L += ["", "## Transform (relay.transform.transform, one core, skin `default` + one cross-sell block)", ""]
     if "error" in t:

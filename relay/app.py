@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -19,14 +18,14 @@ import time
 from collections.abc import Callable
 
 from relay import metrics
-from relay.config import ConfigError, Settings
+from relay.config import ConfigError, Settings, read_dkim_keys
+from relay.delivery.process import WorkerProcess
 from relay.intake.server import IntakeHandler, RelaySMTP
-from relay.rules import RuleBook, load_or_create_secret
-from relay.rules.scheduler import run_due_followups
+from relay.rules.tokens import load_or_create_secret
 from relay.store.committer import GroupCommitter
 from relay.store.database import is_sqlite, make_engine, migrate
 from relay.store.ledger import Ledger
-from relay.store.queue import NewMessage, Store, new_queue_id
+from relay.store.queue import Store
 from relay.web.http import HttpApp, HttpServer
 
 log = logging.getLogger(__name__)
@@ -41,16 +40,14 @@ class Relay:
         self.engine = make_engine(settings.database.url)
         self.store = Store(self.engine)
         self.ledger = Ledger(self.engine)
-        self.book: RuleBook | None = None
-        self._scheduler: asyncio.Task | None = None
         self.committer = GroupCommitter(self.store)
         self.handler = IntakeHandler(settings.smtp, self.committer)
         self.server: asyncio.base_events.Server | None = None
         self.tls_server: asyncio.base_events.Server | None = None
         self.tls_context = tls_context(settings.smtp.tls) if settings.smtp.tls else None
         self.http: HttpServer | None = None
-        self.processes: list[multiprocessing.Process] = []
-        self._wake_fds: dict[int, int] = {}  # worker index -> write end of its wake-up pipe
+        self.processes: list[WorkerProcess] = []
+        self._thread_wake: int | None = None  # workers = 0: write end of the worker thread's wake-up pipe
         self.committer.on_commit = self._wake_workers
         self._thread_worker: tuple[threading.Thread, asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._supervisor: asyncio.Task | None = None
@@ -60,9 +57,7 @@ class Relay:
 
     async def start(self) -> None:
         s = self.settings
-        from relay.delivery.pipeline import load_dkim_keys
-
-        load_dkim_keys(s)  # a missing key file stops the start (ConfigError), not the first signing
+        read_dkim_keys(s)  # a missing key file stops the start (ConfigError), not the first signing
         await asyncio.to_thread(migrate, self.engine)
         if is_sqlite(self.engine):
             # One instance owns a SQLite file: claims left by its previous life are void now.
@@ -71,13 +66,8 @@ class Relay:
             )
             if n:
                 log.warning("requeued %d recipients claimed before the last stop", n)
-        if s.paths.rules.is_dir():
-            # The follow-up scheduler's rule book, loaded before the first client: compiling it takes
-            # ~0.5 s of CPU and the GIL, which two seconds into serving showed as 30 ms 250s.
-            try:
-                self.book = await asyncio.to_thread(self._load_book)
-            except Exception as e:  # noqa: BLE001 - the scheduler retries; the workers report the error
-                log.error("rules not loaded for the follow-up scheduler: %s", e)
+        # created once here, before any worker reads it (a race would give them different secrets)
+        load_or_create_secret(s.paths.secret)
         self.committer.start()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
@@ -106,7 +96,6 @@ class Relay:
             self.http.start()
         self._start_workers()
         self._supervisor = asyncio.create_task(self._supervise())
-        self._scheduler = asyncio.create_task(self._schedule_followups())
         log.info(
             "relay ready: smtp %s, http %s, %d worker process(es), upstream %s, store %s",
             s.smtp.listen,
@@ -130,59 +119,6 @@ class Relay:
 
         secret = load_or_create_secret(self.settings.paths.secret)
         return UnsubscribeApp(self.ledger, secret, on_unsubscribe=unsubscribed)
-
-    def _load_book(self) -> RuleBook:
-        return RuleBook.load(
-            self.settings.paths.rules,
-            secret=load_or_create_secret(self.settings.paths.secret),
-            public_url=self.settings.http.base_url,
-        )
-
-    async def _schedule_followups(self, every: float = 2.0) -> None:
-        """Turns due follow-ups into queued messages (rendered by the rules, delivered like any other)."""
-        rules = self.settings.paths.rules
-        while not self.stopping:
-            await asyncio.sleep(every)
-            try:
-                if self.book is None:
-                    if not rules.is_dir():
-                        continue
-                    self.book = await asyncio.to_thread(self._load_book)
-                else:
-                    await asyncio.to_thread(self.book.reload_if_changed)
-                counts = await asyncio.to_thread(
-                    run_due_followups,
-                    self.book,
-                    self.ledger,
-                    self._enqueue_followup,
-                    self.clock(),
-                    original=self.store.raw,
-                )
-                if any(counts.values()):
-                    log.info("follow-ups: %s", counts)
-            except Exception as e:  # noqa: BLE001 - the scheduler must outlive a broken rule or store
-                log.error("follow-up scheduling failed: %s", e)
-
-    def _enqueue_followup(self, raw: bytes, rcpt: str, mail_from: str) -> str:
-        from relay.intake.server import _summary
-
-        now = time.time()
-        message_id, subject = _summary(raw)
-        msg = NewMessage(
-            queue_id=new_queue_id(now),
-            mail_from=mail_from,
-            recipients=(rcpt,),
-            raw=raw,
-            source="relay-followup",
-            client_addr="127.0.0.1",
-            helo=self.settings.smtp.hostname,
-            message_id=message_id,
-            subject=subject,
-            received_at=now,
-        )
-        self.store.enqueue([msg])
-        self._wake_workers()
-        return msg.queue_id
 
     def _protocol(self, implicit_tls: bool = False) -> RelaySMTP:
         s = self.settings.smtp
@@ -214,35 +150,19 @@ class Relay:
         for i in range(n):
             self.processes.append(self._spawn(i))
 
-    def _spawn(self, index: int) -> multiprocessing.Process:
-        from relay.delivery import process
-
-        ctx = multiprocessing.get_context("spawn")
-        wake_r, wake_w = ctx.Pipe(duplex=False)
-        p = ctx.Process(
-            target=process.main,
-            name=f"relay-worker-{index}",
-            args=(self.settings, index, os.getpid(), logging.getLogger().level, wake_r),
-            daemon=False,
-        )
-        p.start()
-        wake_r.close()
-        old = self._wake_fds.pop(index, None)
-        if old is not None:
-            os.close(old)
-        fd = os.dup(wake_w.fileno())
-        wake_w.close()
-        os.set_blocking(fd, False)
-        self._wake_fds[index] = fd
-        return p
+    def _spawn(self, index: int) -> WorkerProcess:
+        # worker 0 also runs the follow-up scheduler, with the rule book it holds anyway
+        return WorkerProcess(self.settings, index, logging.getLogger().level, followups=index == 0)
 
     def _wake_workers(self) -> None:
         """Called after each intake commit: idle workers claim at once instead of at their next poll."""
-        for fd in list(self._wake_fds.values()):
+        for p in self.processes:
+            p.wake()
+        if self._thread_wake is not None:
             try:
-                os.write(fd, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # the pipe is full (the worker will look anyway) or the worker is gone
+                os.write(self._thread_wake, b"\0")
+            except OSError:
+                pass  # the pipe is full: the worker will look anyway
 
     def _start_thread_worker(self) -> None:
         """workers = 0: one delivery loop in a thread of this process (development and tests)."""
@@ -253,14 +173,16 @@ class Relay:
 
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        self._wake_fds[0] = wake_w
+        self._thread_wake = wake_w
 
         def target():
             loop = asyncio.new_event_loop()
             stop = asyncio.Event()
             holder.update(loop=loop, stop=stop)
             ready.set()
-            loop.run_until_complete(run_worker(self.settings, stop, wake_fd=wake_r))
+            loop.run_until_complete(
+                run_worker(self.settings, stop, wake_fd=wake_r, followups=True, clock=self.clock)
+            )
             loop.close()
             os.close(wake_r)
 
@@ -277,6 +199,7 @@ class Relay:
                 if not p.is_alive() and not self.stopping:
                     log.error("worker %d (pid %s) exited with %s; restarting", i, p.pid, p.exitcode)
                     metrics.mark_process_dead(p.pid)
+                    p.close()
                     self.processes[i] = self._spawn(i)
 
     def health(self) -> str | None:
@@ -305,12 +228,10 @@ class Relay:
             if server is not None:
                 server.close()
         await self.handler.drain(timeout=SHUTDOWN_BUDGET * 0.5)
-        for task in (self._supervisor, self._scheduler):
-            if task:
-                task.cancel()
+        if self._supervisor:
+            self._supervisor.cancel()
         for p in self.processes:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
+            p.terminate()
         if self._thread_worker is not None:
             thread, loop, stop = self._thread_worker
             loop.call_soon_threadsafe(stop.set)
@@ -323,6 +244,7 @@ class Relay:
                 log.warning("worker %s did not stop in time; killing it (its claims are recovered)", p.pid)
                 p.kill()
                 p.join(1)
+            p.close()
             metrics.mark_process_dead(p.pid)
         await asyncio.to_thread(self.committer.stop)
         if self.committer.groups:
@@ -331,9 +253,9 @@ class Relay:
                 self.committer.committed,
                 self.committer.groups,
             )
-        for fd in self._wake_fds.values():
-            os.close(fd)
-        self._wake_fds.clear()
+        if self._thread_wake is not None:
+            os.close(self._thread_wake)
+            self._thread_wake = None
         if self.http:
             self.http.stop()
         self.engine.dispose()

@@ -468,6 +468,20 @@ def from_mapping(data: dict[str, Any], source: str = "<config>", base: Path | No
     )
 
 
+def read_dkim_keys(settings: Settings) -> list[tuple[DkimKeySettings, bytes]]:
+    """Each signing key's settings with its PEM. Read at start too, so a missing file stops the start
+    (naming the key), not the first signing."""
+    out = []
+    for i, k in enumerate(settings.rewrap.dkim):
+        try:
+            out.append((k, Path(k.key_file).read_bytes()))
+        except OSError as e:
+            raise ConfigError(
+                settings.source, f"rewrap.dkim[{i}].key_file", f"{k.key_file}: {e.strerror}"
+            ) from None
+    return out
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """``--config FILE``, else ``$RELAY_CONFIG``, else the built-in defaults (relative to the cwd)."""
     path = path or os.environ.get(ENV_CONFIG) or None

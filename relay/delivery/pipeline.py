@@ -11,10 +11,9 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from pathlib import Path
 
 from relay import metrics
-from relay.config import ConfigError, Settings
+from relay.config import Settings, read_dkim_keys
 from relay.delivery.worker import Prepared
 from relay.rules import MessageFacts, RuleBook, RuleDecision, RuleError, load_or_create_secret
 from relay.rules.book import in_canary
@@ -42,16 +41,10 @@ KEEP_PARSE_BELOW = 4 * 1024 * 1024  # a bigger message's MIME tree is dropped af
 
 
 def load_dkim_keys(settings: Settings) -> dict[str, DkimKey]:
-    keys = {}
-    for i, k in enumerate(settings.rewrap.dkim):
-        try:
-            pem = Path(k.key_file).read_bytes()
-        except OSError as e:
-            raise ConfigError(
-                settings.source, f"rewrap.dkim[{i}].key_file", f"{k.key_file}: {e.strerror}"
-            ) from None
-        keys[k.domain] = DkimKey(domain=k.domain, selector=k.selector, private_key=pem)
-    return keys
+    return {
+        k.domain: DkimKey(domain=k.domain, selector=k.selector, private_key=pem)
+        for k, pem in read_dkim_keys(settings)
+    }
 
 
 class Pipeline:
@@ -181,6 +174,7 @@ class Pipeline:
             dmarc_strict_domains=self.strict,
             html_budget=self.settings.rewrap.html_budget,
             parse=lambda: facts.message,  # one MIME parse for the rules and every rewrap of the message
+            spliced=True,  # a big message is sent in pieces, not joined into a second copy
         )
 
     def __call__(self, raw: bytes, claim: Claim) -> Prepared:
@@ -259,10 +253,13 @@ class Pipeline:
         )
 
     def _forget_parse(self, raw: bytes, claim: Claim) -> None:
-        """A big message's MIME tree can be several times its size (a body that is not base64 is held as
-        str, line by line, when parsed): not kept between recipients."""
+        """A big message's facts are not kept between recipients: its MIME tree can be several times its
+        size (a body that is not base64 is held as str, line by line, when parsed), and the facts hold
+        the raw message itself, which stayed in the worker's RSS until other mail pushed it out."""
         if len(raw) >= KEEP_PARSE_BELOW:
-            self.facts(raw, claim).__dict__.pop("message", None)
+            facts = self._facts.pop(claim.queue_id, None)
+            if facts is not None:
+                self._facts_bytes -= len(facts.raw)
 
     def _rollout(
         self, decisions: Decisions, recipient: str

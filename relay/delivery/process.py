@@ -1,4 +1,9 @@
-"""A delivery worker process: its own event loop, engine and upstream pool; exits with its parent."""
+"""A delivery worker process: its own event loop, engine and upstream pool; exits with its parent.
+
+Started as ``python -m relay.delivery`` with its settings pickled on stdin and a wake-up pipe, not with
+multiprocessing: its spawn method also starts a resource-tracker process (13 MB of RSS, for semaphores
+the relay never makes) and re-imports the parent's ``__main__`` in every child.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,13 @@ import asyncio
 import gc
 import logging
 import os
+import pickle
 import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 from relay import memory
 from relay.config import Settings
@@ -14,6 +25,7 @@ from relay.config import Settings
 log = logging.getLogger(__name__)
 
 WORKER_NICENESS = 10
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the relay package
 
 
 def build_worker(settings: Settings, store=None):
@@ -22,6 +34,7 @@ def build_worker(settings: Settings, store=None):
     from relay.delivery.upstream import OutboxUpstream, SmtpUpstream
     from relay.delivery.worker import Worker
     from relay.store.database import make_engine
+    from relay.store.ledger import Ledger
     from relay.store.queue import Store
 
     if store is None:
@@ -30,14 +43,22 @@ def build_worker(settings: Settings, store=None):
         upstream = SmtpUpstream(settings.upstream, settings.smtp.hostname)
     else:
         upstream = OutboxUpstream(settings.paths.outbox)
-    from relay.store.ledger import Ledger
-
     return Worker(settings, store, upstream, Pipeline(settings, Ledger(store.engine)))
 
 
 async def run_worker(
-    settings: Settings, stop: asyncio.Event, parent_pid: int | None = None, wake_fd: int | None = None
+    settings: Settings,
+    stop: asyncio.Event,
+    parent_pid: int | None = None,
+    wake_fd: int | None = None,
+    *,
+    followups: bool = False,
+    clock: Callable[[], float] = time.time,
 ) -> None:
+    """Delivers until ``stop``; ``followups``: this worker also runs the follow-up scheduler (on
+    ``clock``, which tests move forward)."""
+    from relay.delivery.followups import schedule_followups
+
     worker = build_worker(settings)
     gc.freeze()  # skins, rules, catalog and libraries: long-lived, not worth the collector's scans
     log.info("delivery worker ready (pid %d)", os.getpid())
@@ -61,18 +82,90 @@ async def run_worker(
                 stop.set()
             await asyncio.sleep(0.5)
 
-    watcher = asyncio.create_task(watch_parent())
+    helpers = [asyncio.create_task(watch_parent())]
+    if followups:
+        scheduler = schedule_followups(
+            worker.prepare, worker.store, settings.smtp.hostname, stop, clock=clock, on_queued=worker.wake
+        )
+        helpers.append(asyncio.create_task(scheduler))
     try:
         await worker.run(stop)
     finally:
-        watcher.cancel()
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
         if wake_fd is not None:
             loop.remove_reader(wake_fd)
         worker.store.engine.dispose()
 
 
-def main(settings: Settings, index: int, parent_pid: int, log_level: int, wake=None) -> None:
-    """Entry point of a worker process (multiprocessing spawn target)."""
+class WorkerProcess:
+    """One worker child: started at once, woken through its pipe, supervised by the relay."""
+
+    def __init__(self, settings: Settings, index: int, log_level: int, followups: bool):
+        self.name = f"relay-worker-{index}"
+        wake_r, self.wake_fd = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay.delivery", str(index), str(os.getpid()), str(wake_r)],
+                stdin=subprocess.PIPE,
+                pass_fds=(wake_r,),
+                env=env,
+            )
+        finally:
+            os.close(wake_r)
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(pickle.dumps((settings, log_level, followups)))
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died at once; the supervisor sees it exit and starts another
+            pass
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.returncode
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_fd, b"\0")
+        except OSError:
+            pass  # the pipe is full (the worker will look anyway) or the worker is gone
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.proc.kill()
+
+    def close(self) -> None:
+        """Frees the wake pipe; the process must have exited or be left to its own watch on the parent."""
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+
+
+def main(
+    settings: Settings, index: int, parent_pid: int, log_level: int, wake_fd: int, followups: bool
+) -> None:
+    """A worker process's life, from ``python -m relay.delivery``."""
     memory.return_big_blocks()
     try:
         # Intake answers clients while they wait; delivery is background work. On a busy machine the
@@ -89,7 +182,7 @@ def main(settings: Settings, index: int, parent_pid: int, log_level: int, wake=N
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_worker(settings, stop, parent_pid, wake.fileno() if wake is not None else None)
+        await run_worker(settings, stop, parent_pid, wake_fd, followups=followups)
 
     run_loop(_main())
 

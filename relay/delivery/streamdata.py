@@ -16,6 +16,8 @@ import re
 
 import aiosmtplib
 
+from relay.transform.types import Spliced
+
 STREAM_FROM = 1024 * 1024  # smaller messages go through aiosmtplib's own data()
 SLICE = 256 * 1024
 
@@ -23,26 +25,39 @@ _LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")  # as aiosmtplib.protocol.LINE_END
 _LEADING_DOT = re.compile(rb"(?m)^\.")  # as aiosmtplib.protocol.PERIOD_REGEX
 
 
-def wire_slices(data: bytes, size: int = SLICE):
+def _blocks(data: bytes | Spliced, size: int):
+    """The message ``size`` bytes at a time, across its pieces (a view is copied a block at a time)."""
+    for piece in data.pieces if isinstance(data, Spliced) else (data,):
+        for i in range(0, len(piece), size):
+            yield bytes(piece[i : i + size])
+
+
+def wire_slices(data: bytes | Spliced, size: int = SLICE):
     """The DATA payload in slices that end after a line feed (so no CRLF and no line start is cut)."""
-    view = memoryview(data)
-    start, n = 0, len(data)
-    if not n:
-        yield b"\r\n"
-    while start < n:
-        end = data.rfind(b"\n", start, start + size) + 1 if start + size < n else n
-        if end <= start:  # one line longer than a slice: up to its end
-            end = data.find(b"\n", start + size)
-            end = n if end < 0 else end + 1
-        piece = _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", view[start:end]))
-        if end == n and not piece.endswith(b"\r\n"):
-            piece += b"\r\n"
-        yield piece
-        start = end
+    held: list[bytes] = []  # blocks since the last line feed (a line may be longer than a block)
+    sent = False
+    for block in _blocks(data, size):
+        cut = block.rfind(b"\n") + 1
+        if not cut:
+            held.append(block)
+            continue
+        yield _wire(b"".join([*held, block[:cut]]))
+        held = [block[cut:]] if cut < len(block) else []
+        sent = True
+    rest = b"".join(held)
+    if rest or not sent:
+        piece = _wire(rest)
+        yield piece if piece.endswith(b"\r\n") else piece + b"\r\n"
     yield b".\r\n"
 
 
-async def send_data(client: aiosmtplib.SMTP, data: bytes, timeout: float | None) -> aiosmtplib.SMTPResponse:
+def _wire(lines: bytes) -> bytes:
+    return _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", lines))
+
+
+async def send_data(
+    client: aiosmtplib.SMTP, data: bytes | Spliced, timeout: float | None
+) -> aiosmtplib.SMTPResponse:
     """Like ``client.data(data)``: raises SMTPDataError on a refusal, SMTPServerDisconnected/
     SMTPTimeoutError when the connection fails (the caller drops the connection then).
 
@@ -51,7 +66,7 @@ async def send_data(client: aiosmtplib.SMTP, data: bytes, timeout: float | None)
     """
     protocol = client.protocol
     if protocol is None or not hasattr(protocol, "_drain_helper"):
-        return await client.data(data, timeout=timeout)
+        return await client.data(bytes(data), timeout=timeout)
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)

@@ -20,6 +20,7 @@ from relay import metrics
 from relay.config import UpstreamSettings
 from relay.delivery import streamdata
 from relay.delivery.retry import Reply
+from relay.transform.types import Spliced, joined
 
 
 class UpstreamError(Exception):
@@ -80,7 +81,7 @@ class SmtpUpstream:
             self._drop(client)
         return await self._connect(), False
 
-    async def send(self, mail_from: str, rcpt: str, data: bytes) -> Reply:
+    async def send(self, mail_from: str, rcpt: str, data: bytes | Spliced) -> Reply:
         """One transaction for one recipient; a Reply for every answer, UpstreamError for none."""
         async with self._slots:
             for attempt in (1, 2):
@@ -103,7 +104,9 @@ class SmtpUpstream:
                 return reply
         raise AssertionError("unreachable")
 
-    async def _transaction(self, client: aiosmtplib.SMTP, mail_from: str, rcpt: str, data: bytes) -> Reply:
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, mail_from: str, rcpt: str, data: bytes | Spliced
+    ) -> Reply:
         s = self.settings
         if not client.last_ehlo_response:
             await client.ehlo()
@@ -124,7 +127,7 @@ class SmtpUpstream:
             if len(data) >= streamdata.STREAM_FROM:
                 response = await streamdata.send_data(client, data, s.data_timeout)
             else:
-                response = await client.data(data, timeout=s.data_timeout)
+                response = await client.data(joined(data), timeout=s.data_timeout)
         except aiosmtplib.SMTPResponseException as e:
             if e.code == 421:  # the server is closing the channel: RFC 5321 4.2.2
                 raise aiosmtplib.SMTPServerDisconnected(f"{e.code} {e.message}") from e
@@ -152,10 +155,10 @@ class OutboxUpstream:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    async def send(self, mail_from: str, rcpt: str, data: bytes) -> Reply:
+    async def send(self, mail_from: str, rcpt: str, data: bytes | Spliced) -> Reply:
         return await asyncio.to_thread(self._write, mail_from, rcpt, data)
 
-    def _write(self, mail_from: str, rcpt: str, data: bytes) -> Reply:
+    def _write(self, mail_from: str, rcpt: str, data: bytes | Spliced) -> Reply:
         digest = hashlib.sha256(rcpt.lower().encode()).hexdigest()[:10]
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         name = f"{stamp}-{_relay_id(data) or 'message'}-{digest}.eml"
@@ -164,7 +167,7 @@ class OutboxUpstream:
         try:
             with open(tmp, "wb") as f:
                 f.write(head)
-                f.write(data)
+                f.writelines(data.pieces if isinstance(data, Spliced) else (data,))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.folder / name)
@@ -176,7 +179,9 @@ class OutboxUpstream:
         return None
 
 
-def _relay_id(data: bytes) -> str | None:
+def _relay_id(data: bytes | Spliced) -> str | None:
+    if isinstance(data, Spliced):
+        data = data.prefix(65536)
     i = data.find(b"X-Relay-Id: ", 0, 65536)
     if i < 0:
         return None

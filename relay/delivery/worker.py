@@ -22,6 +22,7 @@ from relay.delivery.upstream import UpstreamError
 from relay.store.queue import Claim, Outcome, Store, worker_name
 from relay.store.schema import DEFERRED, FAILED
 from relay.store.schema import SENT as SENT_STATUS
+from relay.transform.types import Spliced
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ CLAIM_GATHER = 0.005  # seconds a woken worker waits before claiming, so claims 
 class Prepared:
     """What the pipeline made of one message for one recipient."""
 
-    data: bytes
+    data: bytes | Spliced
     skin: str | None = None
     blocks: tuple[str, ...] = ()
     report: dict | None = None

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 END = b"\r\n.\r\n"
 CHUNK = 256 * 1024
+KEEP_BUFFER_FROM = 1024 * 1024  # a message this big is handed over in the buffer it was read into
 
 
 @dataclass(frozen=True)
 class DataResult:
-    content: bytes | None  # the message, dot-stuffing undone; None when refused
+    content: bytes | bytearray | None  # the message, dot-stuffing undone; None when refused
     refusal: str | None = None  # "too_much" or "too_long"
     closed: bool = False  # the client went away before <CRLF>.<CRLF>
 
@@ -57,7 +58,10 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, lin
         return DataResult(None, refusal="too_long")
     if b"\r\n." in buf:
         buf = buf.replace(b"\r\n.", b"\r\n")
-    return DataResult(bytes(memoryview(buf)[2:]))
+    del buf[:2]  # the CRLF that stood for the command line (a bytearray drops its front in place)
+    # A big message stays in this buffer: bytes() would hold a second copy of it for a moment, and
+    # the intake prepends its trace header in place.
+    return DataResult(buf if len(buf) >= KEEP_BUFFER_FROM else bytes(buf))
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:

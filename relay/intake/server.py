@@ -13,9 +13,6 @@ import ipaddress
 import logging
 import re
 import time
-from email.header import decode_header, make_header
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
@@ -28,12 +25,12 @@ from relay.intake.policy import RateLimiter, SessionCounter
 from relay.store.committer import GroupCommitter
 from relay.store.database import StoreError
 from relay.store.queue import NewMessage, new_queue_id
+from relay.store.summary import printable, summary
 
 log = logging.getLogger(__name__)
 
 _HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}")
 _EHLO_KEEP = ("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS", "AUTH")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -265,10 +262,15 @@ class IntakeHandler:
             return replies.OVERLOADED
         now = time.time()
         queue_id = new_queue_id(now)
-        message_id, subject = _summary(raw)
+        message_id, subject = summary(raw)
         peer = _peer_host(session)
-        helo = _printable(session.host_name or "")
-        full = _received_header(helo, peer, self.settings.hostname, queue_id, envelope, now) + raw
+        helo = printable(session.host_name or "")
+        trace = _received_header(helo, peer, self.settings.hostname, queue_id, envelope, now)
+        if isinstance(raw, bytearray):  # a big message: no second copy of it, not even for a moment
+            raw[:0] = trace
+            full = raw
+        else:
+            full = trace + raw
         message = NewMessage(
             queue_id=queue_id, mail_from=envelope.mail_from or "", recipients=tuple(envelope.rcpt_tos),
             raw=full, source=self.source(session), client_addr=peer, helo=helo,
@@ -332,24 +334,6 @@ def _peer_host(session: Session) -> str:
     return str(peer or "unknown")
 
 
-def _summary(raw: bytes) -> tuple[str, str]:
-    """Message-ID and decoded Subject for the log; never fails on broken headers."""
-    m = _HEADER_END.search(raw, 0, 256 * 1024)
-    head = raw[: m.end()] if m else raw[: 256 * 1024]
-    try:
-        parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
-        headers = {k.lower(): v for k, v in reversed(list(parsed.raw_items()))}  # first occurrence wins
-        message_id = _unescape_8bit(headers.get("message-id", "")).strip()[:998]
-        subject_raw = _unescape_8bit(headers.get("subject", ""))
-        try:
-            subject = str(make_header(decode_header(subject_raw)))
-        except Exception:  # noqa: BLE001 - undecodable encoded-words: keep them as sent
-            subject = subject_raw
-        return _printable(message_id, 998), _printable(" ".join(subject.split()), 998)
-    except Exception:  # noqa: BLE001
-        return "", ""
-
-
 def _clean_address(address: str | None, allow_empty: bool = False) -> bool:
     """Valid UTF-8 (aiosmtpd hands undecodable bytes over as surrogates) and no control characters:
     an address that cannot be stored or sent later is refused now, permanently, not deferred forever."""
@@ -360,23 +344,6 @@ def _clean_address(address: str | None, allow_empty: bool = False) -> bool:
     except UnicodeEncodeError:
         return False
     return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in address)
-
-
-def _printable(value: str, limit: int = 255) -> str:
-    """For the log columns: what a client sent, minus what a database or a terminal must not get."""
-    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return "".join(c if c.isprintable() else "?" for c in value)[:limit]
-
-
-def _unescape_8bit(value: str) -> str:
-    """Raw 8-bit header bytes (RFC 6532 UTF-8, or a legacy tool's Windows-1252) as text."""
-    if value.isascii():
-        return value
-    data = value.encode("ascii", "surrogateescape")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
 
 
 def _received_header(helo: str, peer: str, hostname: str, queue_id: str, envelope: Envelope,

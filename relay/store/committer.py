@@ -20,8 +20,9 @@ import queue
 import threading
 from concurrent.futures import Future
 
+from relay import memory
 from relay.store.database import is_sqlite, transaction
-from relay.store.queue import NewMessage, Store
+from relay.store.queue import BLOB_STREAM_FROM, NewMessage, Store
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,10 @@ class GroupCommitter:
                 group.append(item)
             self._commit(group)
             self._working = False
+            # The next get() may block for minutes: hold no message meanwhile (a 25 MB one stayed
+            # in the intake's RSS until the next message came).
+            group.clear()
+            first = item = None
             if stop:
                 return
 
@@ -148,3 +153,5 @@ class GroupCommitter:
             self._pending -= len(group)
         if any(err is None for err in results):
             self._notify()
+        if any(len(m.raw) >= BLOB_STREAM_FROM for m, _ in group):
+            memory.trim()

@@ -64,7 +64,7 @@ class NewMessage:
     queue_id: str
     mail_from: str
     recipients: tuple[str, ...]
-    raw: bytes
+    raw: bytes | bytearray  # a bytearray: a big message in the buffer intake read it into (no copy)
     source: str
     client_addr: str
     helo: str = ""
@@ -641,7 +641,7 @@ def _selected(selector: Sequence[str]):
     return or_(recipients.c.queue_id.in_(selector), recipients.c.id.in_(ids))
 
 
-def _write_blob(conn, queue_id: str, raw: bytes) -> None:
+def _write_blob(conn, queue_id: str, raw: bytes | bytearray) -> None:
     """Writes a message's bytes into its row with SQLite's incremental blob I/O, in this transaction."""
     rowid = conn.execute(
         update(messages)

@@ -20,9 +20,11 @@ from .types import (
     DkimSigningError,
     Report,
     SkinError,
+    Spliced,
     TransformError,
     TransformTimeout,
     UnknownSkin,
+    joined,
 )
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Skin",
     "SkinError",
     "SkinLibrary",
+    "Spliced",
     "TransformError",
     "TransformTimeout",
     "UnknownSkin",
@@ -42,5 +45,6 @@ __all__ = [
     "read_request_headers",
     "transform",
     "transform_fail_open",
+    "joined",
     "verify_dkim",
 ]

@@ -365,7 +365,8 @@ def write_message(
     *,
     eol: bytes,
     seed: bytes,
-) -> bytes:
+    join: bool = True,
+) -> bytes | Chunks:
     """Assemble the rewrapped message::
 
         multipart/mixed                 (only with attachments)
@@ -377,6 +378,7 @@ def write_message(
           attachments (raw copies)
 
     ``header_fields``: complete top-level fields, each ending with ``eol``; bodies already encoded.
+    ``join=False``: the pieces (bytes and views of the raw message), for the caller to send as they are.
     """
     raws = related + attachments
     qp = eol.join(
@@ -394,5 +396,6 @@ def write_message(
         body = _multipart("mixed", b_mix, [alt, *attachments], eol, preamble=_PREAMBLE)
     else:
         body = _multipart("alternative", b_alt, [text_part, html_part], eol, preamble=_PREAMBLE)
-    # one join: a big attachment is copied into the output once
-    return b"".join([*header_fields, b"MIME-Version: 1.0", eol, *body, eol])
+    pieces = [*header_fields, b"MIME-Version: 1.0", eol, *body, eol]
+    # one join at most: a big attachment is copied into the output once, or not at all
+    return b"".join(pieces) if join else pieces

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
+from .types import Spliced
+
 _NAME_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _QUEUE_ID_OK = re.compile(r"^[\x21-\x7e]{1,200}$")
 
@@ -88,16 +90,24 @@ def edit_headers(
     *,
     drop: Callable[[str], bool],
     prepend: Iterable[tuple[str, str]] = (),
-) -> bytes:
+    spliced: bool = False,
+) -> bytes | Spliced:
     """Drop the fields whose lower-cased name satisfies ``drop`` and prepend new fields.
 
     Everything else (other fields, their folding, the body) is copied byte for byte.
+    ``spliced``: the body stays a view of ``raw`` (for a big message: no copy of it).
     """
-    head, sep, body = split_message(raw)
+    cut = _separator(raw) if spliced else None
+    if cut is not None:
+        head, sep, body = raw[: cut[0]], raw[cut[0] : cut[1]], memoryview(raw)[cut[1] :]
+    else:
+        head, sep, body = split_message(raw)
     eol = detect_eol(head) if head else (sep or b"\r\n")
     out = [f"{n}: {v}".encode("ascii") + eol for n, v in prepend]
     for name, data in header_fields(head):
         if name is not None and drop(name):
             continue
         out.append(data)
+    if cut is not None:
+        return Spliced([b"".join(out), sep, body])
     return b"".join(out) + sep + body

@@ -17,9 +17,9 @@ from markupsafe import Markup, escape
 from . import _content as content_mod
 from . import _mime, _raw
 from . import dkim as dkim_mod
-from .parse import parse_message
+from .parse import LEAN_FROM, parse_message
 from .skins import Skin, SkinLibrary
-from .types import Decisions, DkimKey, DkimSigningError, Report, TransformTimeout
+from .types import Decisions, DkimKey, DkimSigningError, Report, Spliced, TransformTimeout
 
 # ----------------------------------------------------------------------------- control headers
 
@@ -68,8 +68,13 @@ _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
 _SIGNATURE_HEADERS = ("dkim-signature",)
 
 
-def _passthrough(raw: bytes, queue_id: str) -> bytes:
-    return _raw.edit_headers(raw, drop=_drop_on_passthrough, prepend=[("X-Relay-Id", queue_id)])
+def _passthrough(raw: bytes, queue_id: str, spliced: bool = False) -> bytes | Spliced:
+    return _raw.edit_headers(
+        raw,
+        drop=_drop_on_passthrough,
+        prepend=[("X-Relay-Id", queue_id)],
+        spliced=spliced and len(raw) >= LEAN_FROM,
+    )
 
 
 def _encode_set_header(name: str, value: str, eol: bytes) -> bytes:
@@ -165,12 +170,15 @@ def transform(
     dmarc_strict_domains: frozenset[str] = frozenset(),
     html_budget: int = 102_000,
     parse: Callable[[], Message] | None = None,
-) -> tuple[bytes, Report]:
+    spliced: bool = False,
+) -> tuple[bytes | Spliced, Report]:
     """Rewrap ``raw`` in the chosen skin for ``recipient``; see README.md for every rule.
 
     ``mail_from``: the envelope sender; "" or "<>" is a bounce (passed through); None = unknown.
     ``parse``: returns the caller's compat32 parse of ``raw`` (the rules parsed it already); it is
     read, never changed. Called only when the message gets past the header checks.
+    ``spliced``: a big message (LEAN_FROM bytes or more) may come back as ``Spliced`` pieces, its big
+    bodies views of ``raw``, for delivery to send without joining them (DKIM signing joins them).
     Raises on internal errors (use ``transform_fail_open`` in the delivery path) and
     DkimSigningError when a configured key cannot sign (defer the message).
     """
@@ -184,8 +192,8 @@ def transform(
             values.setdefault(name, []).append(_raw.field_value(data))
     has_sig = any(n in values for n in _SIGNATURE_HEADERS)
 
-    def passthrough(reason: str, skin: str | None = None) -> tuple[bytes, Report]:
-        return _passthrough(raw, queue_id), Report(
+    def passthrough(reason: str, skin: str | None = None) -> tuple[bytes | Spliced, Report]:
+        return _passthrough(raw, queue_id, spliced), Report(
             action="passthrough", reason=reason, skin=skin, dkim="untouched" if has_sig else "none"
         )
 
@@ -274,7 +282,12 @@ def transform(
         attachments,
         eol=eol,
         seed=seed,
+        join=False,
     )
+    if key is None and spliced and any(isinstance(p, memoryview) for p in out):
+        out = Spliced(out)
+    else:
+        out = b"".join(out)
     dkim_state = "stripped" if has_sig else "none"
     if key is not None:
         out = dkim_mod.sign(out, key, present, linesep=eol)
@@ -418,7 +431,9 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def transform_fail_open(raw: bytes, *, time_limit: float = 2.0, **kw: Any) -> tuple[bytes, Report]:
+def transform_fail_open(
+    raw: bytes, *, time_limit: float = 2.0, **kw: Any
+) -> tuple[bytes | Spliced, Report]:
     """``transform`` that never raises (but for DkimSigningError: defer the message).
 
     On any exception or when ``time_limit`` seconds pass, returns the original bytes with only
@@ -437,7 +452,7 @@ def transform_fail_open(raw: bytes, *, time_limit: float = 2.0, **kw: Any) -> tu
         reason = f"{type(e).__name__}: {e}"[:500]
     qid = _raw.sanitize_queue_id(queue_id)
     try:
-        out = _passthrough(raw, qid)
+        out = _passthrough(raw, qid, kw.get("spliced", False))
     except Exception:  # noqa: BLE001
         out = b"X-Relay-Id: " + qid.encode("ascii") + b"\r\n" + raw
     return out, Report(

@@ -88,3 +88,40 @@ class DkimSigningError(TransformError):
 
 class TransformTimeout(TransformError):
     """The fail-open time limit interrupted a transform."""
+
+
+class Spliced:
+    """A message's bytes as pieces, the big ones views of the stored original: the rewrap or pass-through
+    of a big message when the caller asks for it (``transform(..., spliced=True)``), so that delivery
+    sends it piece by piece instead of joining it, which would hold a second copy of it in memory."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: list[bytes | memoryview]):
+        self.pieces = pieces
+        self.size = sum(len(p) for p in pieces)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def prefix(self, n: int) -> bytes:
+        """The first ``n`` bytes (headers, say) without joining the rest."""
+        out, left = [], n
+        for p in self.pieces:
+            if left <= 0:
+                break
+            out.append(bytes(p[:left]))
+            left -= len(out[-1])
+        return b"".join(out)
+
+    def isascii(self) -> bool:
+        window = 1024 * 1024  # a view is checked a slice at a time, never copied whole
+        return all(bytes(p[i : i + window]).isascii() for p in self.pieces for i in range(0, len(p), window))
+
+
+def joined(data: bytes | Spliced) -> bytes:
+    """The bytes themselves, joined when spliced (for the callers that need one buffer)."""
+    return bytes(data) if isinstance(data, Spliced) else data

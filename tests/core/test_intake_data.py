@@ -182,3 +182,16 @@ def test_short_dir_keeps_every_hook_aiosmtpd_looks_up():
     assert set(proto._auth_methods) == {n[5:] for n in full if n.startswith("auth_")}
     assert set(proto._handle_hooks) == {n[7:] for n in object.__dir__(handler) if n.startswith("handle_")}
     assert {"DATA", "MAIL", "RCPT", "EHLO", "PROXY", "exception"} <= set(proto._handle_hooks)
+
+
+def test_a_big_message_is_handed_over_in_its_read_buffer():
+    """From KEEP_BUFFER_FROM on, the buffer the message was read into is the result (bytes() would hold
+    a second copy for a moment); the content is the same as for a small message."""
+    from relay.intake.data import KEEP_BUFFER_FROM
+
+    body = b"Subject: x\r\n\r\n" + b"..stuffed\r\nQUJD\r\n" * (KEEP_BUFFER_FROM // 14)
+    got, rest = asyncio.run(feed_and_read(body + b".\r\nQUIT\r\n", [70_000, 900_000], None))
+    assert isinstance(got.content, bytearray) and rest == b"QUIT\r\n"
+    assert got.content == body.replace(b"\r\n..", b"\r\n.")
+    small, _ = asyncio.run(feed_and_read(b"Subject: x\r\n\r\nhi\r\n.\r\n", [], None))
+    assert type(small.content) is bytes and small.content == b"Subject: x\r\n\r\nhi\r\n"

@@ -80,7 +80,7 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
 
 
 def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the worker processes and multiprocessing's resource tracker)."""
+    """Direct children of ``pid`` (the worker processes)."""
     out: list[int] = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -92,15 +92,13 @@ def child_pids(pid: int) -> list[int]:
 
 
 def process_kind(pid: int) -> str:
-    """'worker' for a delivery worker, 'tracker' for multiprocessing's resource tracker, else 'other'."""
+    """'worker' for a delivery worker (``python -m relay.delivery``), else 'other'."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read()
     except OSError:
         return "gone"
-    if b"resource_tracker" in cmd:
-        return "tracker"
-    return "worker" if b"multiprocessing" in cmd else "other"
+    return "worker" if b"\0relay.delivery\0" in cmd else "other"
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -362,6 +360,40 @@ def test_signal_lets_the_transaction_in_flight_finish(sig, relays, upstream, db_
     assert [e["queue_id"] for e in entries] == [queue_id]
     assert entries[0]["status"] in ("queued", "sent")
     assert entries[0]["subject"] == "Sent across a shutdown"
+
+
+def test_worker_processes_and_a_lean_main_process_deliver_a_due_follow_up(relays, upstream, db_url, tmp_path):
+    """`relay serve` runs two worker children and nothing else (no multiprocessing resource tracker); the
+    main process never loads the rewrap and rules stack (lxml, css-inline, nh3: ~14 MB of RSS each time);
+    and the follow-up scheduler, now in worker 0, queues a due follow-up that reaches the upstream."""
+    from relay.store.database import make_engine
+    from relay.store.ledger import Ledger
+
+    upstream.start()
+    paths = {"rules": str(ROOT / "rules"), "skins": str(ROOT / "skins")}
+    r = relays(relay_config(tmp_path, db_url, upstream.port, paths=paths))
+    assert sorted(process_kind(p) for p in child_pids(r.pid)) == ["worker", "worker"]
+    with open(f"/proc/{r.pid}/maps") as f:
+        libraries = {line.rsplit("/", 1)[-1].split(".")[0] for line in f if ".so" in line}
+    assert not libraries & {"etree", "css_inline", "nh3"}, libraries
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        now = time.time()
+        shop = "shop@maison-lumiere.example"
+        payload = {"mail_from": shop, "from": f"Maison Lumiere <{shop}>"}
+        Ledger(engine).schedule_followup(
+            "camille@example.org", "merci-commande", "Q0FOLLOWUP01", now - 1, payload=payload, now=now
+        )
+    finally:
+        engine.dispose()
+    wait_until(lambda: upstream.messages, 30, "the due follow-up delivered")
+    assert upstream.messages[0].rcpt_tos == ["camille@example.org"]
+    store = open_store(db_url)
+    try:
+        (entry,) = store.history("camille@example.org")
+    finally:
+        store.engine.dispose()
+    assert entry["source"] == "relay-followup" and "accompagner" in entry["subject"], entry
 
 
 class RelayHung(AssertionError):

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.delivery import streamdata
-from relay.delivery.upstream import SmtpUpstream
+from relay.delivery.upstream import OutboxUpstream, SmtpUpstream
+from relay.transform import Spliced
 from tests.conftest import make_settings
 
 
@@ -27,6 +28,22 @@ def _aiosmtplib_wire(data: bytes) -> bytes:
 def test_the_slices_make_aiosmtplib_s_wire_form(pieces, size):
     data = b"".join(pieces)
     assert b"".join(streamdata.wire_slices(data, size)) == _aiosmtplib_wire(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"x" * 40, b"=\r\n"]), max_size=80),
+    st.lists(st.integers(min_value=0, max_value=4000), max_size=6),
+    st.integers(min_value=1, max_value=90),
+)
+def test_spliced_pieces_make_the_same_wire_form(pieces, cuts, size):
+    """A message in pieces (views of a buffer, cut anywhere: inside a CRLF, before a dot) goes on the wire
+    exactly as the joined bytes would."""
+    data = b"".join(pieces)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    view = memoryview(data)
+    spliced = Spliced([view[a:b] for a, b in zip(points, points[1:], strict=False)])
+    assert b"".join(streamdata.wire_slices(spliced, size)) == _aiosmtplib_wire(data)
 
 
 def test_aiosmtplib_still_has_the_flow_control_it_relies_on():
@@ -90,3 +107,24 @@ def test_the_connection_is_reused_after_a_streamed_message(tmp_path, sink, monke
 
     assert [r.code for r in asyncio.run(go())] == [250, 250, 250]
     assert len(opened) == 1 and len(sink.messages) == 3
+
+
+def test_a_spliced_message_is_delivered_as_its_joined_bytes(tmp_path, sink, monkeypatch):
+    data = _big_message(1_500_000)
+    view = memoryview(data)
+    spliced = Spliced([data[:100], view[100:700_001], view[700_001:]])
+    reply = _send(tmp_path, sink, spliced, monkeypatch, stream_from=1)
+    assert reply.code == 250
+    _send(tmp_path, sink, data, monkeypatch, stream_from=len(data) + 1)
+    assert sink.messages[0].data == sink.messages[1].data
+
+
+def test_the_outbox_writes_a_spliced_message_as_its_joined_bytes(tmp_path):
+    data = b"X-Relay-Id: Q123\r\nSubject: x\r\n\r\n" + b"QUJD\r\n" * 1000
+    view = memoryview(data)
+    up = OutboxUpstream(tmp_path / "out")
+    reply = asyncio.run(up.send("a@example.org", "b@example.org", Spliced([data[:5], view[5:40], view[40:]])))
+    assert reply.code == 250
+    [eml] = (tmp_path / "out").glob("*.eml")
+    assert "Q123" in eml.name
+    assert eml.read_bytes().split(b"\r\n", 2)[2] == data  # after Return-Path and Delivered-To

@@ -365,9 +365,12 @@ def test_25mb_message_is_accepted_rewrapped_and_delivered_intact(big_run):
     assert _pdf_digests(got) == [big_run.expect]
 
 
-def test_25mb_message_costs_under_4x_its_size_in_each_process_and_in_the_tree(big_run, record_property):
+def test_25mb_message_costs_under_1_6x_its_size_in_each_process_and_in_the_tree(big_run, record_property):
     """What the message adds: each process's high-water mark above its own idle RSS (a peak between two
-    samples counts too), and the sampled sum over the tree above the idle tree, both under 4 x size."""
+    samples counts too), and the sampled sum over the tree above the idle tree. Measured ~1.2x: the
+    intake keeps the message in the buffer it read it into and prepends its trace header in place; the
+    worker sends the rewrapped message in pieces that are views of the stored one (it was 2.1x each
+    when both copied it once more)."""
     size_mb = len(big_run.raw) / MB
     peak, _ = _report(record_property, "big", big_run)
     assert big_run.idle is not None
@@ -378,28 +381,13 @@ def test_25mb_message_costs_under_4x_its_size_in_each_process_and_in_the_tree(bi
     }
     record_property("big_growth_mb_by_pid", {p: round(g, 1) for p, g in growth.items()})
     assert len(growth) >= 3, growth  # the main process and both workers were sampled idle
-    assert max(growth.values()) < 4 * size_mb, growth
-    assert peak - big_run.idle_kb / 1024 < 4 * size_mb
+    assert max(growth.values()) < 1.6 * size_mb, growth
+    assert peak - big_run.idle_kb / 1024 < 1.6 * size_mb
 
 
-def test_25mb_message_peak_rss_of_every_process_is_bounded(big_run, record_property):
-    """The bound read per process (VmHWM is the kernel's peak RSS): the intake that receives the message
-    and the worker that rewraps and sends it each stay below 4 x size + 150 MB. The sum over the tree is
-    the next test."""
-    limit_mb = 4 * len(big_run.raw) / MB + 150
-    hwm = {pid: kb / 1024 for pid, kb in big_run.sampler.hwm_kb.items()}
-    record_property("big_limit_per_process_mb", round(limit_mb, 1))
-    assert len(hwm) >= 3 and max(hwm.values()) < limit_mb, hwm
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory: the idle tree of `relay serve` (workers = 2) is ~215 MB: three Python processes at "
-    "64-74 MB RSS after importing SQLAlchemy, lxml, css-inline, nh3, Jinja2, plus the multiprocessing "
-    "resource tracker, which leaves 30 MB of the 245 MB bound for a 23.8 MB message. The message itself "
-    "now costs ~2.3x its size at the peak (~270 MB, from 565 MB): see the tests above",
-)
 def test_25mb_message_peak_rss_is_bounded(big_run, record_property):
+    """The bound of issue 6 read over the whole process tree (the sampled sum of VmRSS): the intake,
+    both workers and their shared libraries, each counted in every process that maps them."""
     peak, limit = _report(record_property, "big", big_run)
     assert peak < limit
 
@@ -417,9 +405,9 @@ def test_1000_recipients_memory_growth_is_bounded(rcpt_run, record_property):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="memory: the idle tree of `relay serve` with workers = 2 is already ~215 MB (three Python "
-    "processes at 64-74 MB each after importing SQLAlchemy, lxml, css-inline, nh3, Jinja2; plus the "
-    "multiprocessing resource tracker), above the 4 x size + 150 MB bound for a small message",
+    reason="memory: the idle tree of `relay serve` with workers = 2 is ~190 MB (three Python processes "
+    "at 62-67 MB each after importing SQLAlchemy, and in the workers lxml, css-inline, nh3, Jinja2), "
+    "above the 4 x size + 150 MB bound for a small message; the growth above idle is the test above",
 )
 def test_1000_recipients_peak_tree_rss_is_bounded(rcpt_run):
     assert rcpt_run.sampler.peak_kb / 1024 < 4 * len(rcpt_run.raw) / MB + 150

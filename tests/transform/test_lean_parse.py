@@ -10,7 +10,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.transform import Decisions
+from relay.transform import Decisions, Spliced, joined
 from relay.transform.parse import LEAN_FROM, LeanMessage, parse_message
 
 from .conftest import run
@@ -152,6 +152,25 @@ def test_the_lean_parse_reads_random_structures_as_the_stdlib_does(skins, raw):
         raw, skins, decisions=decisions, parse=lambda: plain
     )
     assert lean.as_bytes() == plain.as_bytes()  # every payload read back through get_payload()
+    again = parse_message(raw, lean_from=0, lean_run=1)
+    spliced, _ = run(raw, skins, decisions=decisions, parse=lambda: again, spliced=True)
+    assert joined(spliced) == run(raw, skins, decisions=decisions, parse=lambda: plain)[0]
+
+
+def test_a_big_message_comes_back_spliced_when_asked_and_arrives_intact(skins):
+    """``spliced=True``: the big base64 body is a view of the raw message (never copied), for the rewrap
+    and for a pass-through alike; the pieces join to exactly the bytes of the plain call."""
+    raw, pdf = _big()
+    for decisions in (Decisions(skin="plain"), Decisions(skin=None)):
+        out, report = run(raw, skins, decisions=decisions, spliced=True)
+        assert isinstance(out, Spliced), report
+        views = [p for p in out.pieces if isinstance(p, memoryview)]
+        assert views and all(v.obj is raw for v in views)
+        assert sum(len(v) for v in views) > len(pdf)  # the base64 of the PDF, not copied
+        assert len(out) == len(joined(out)) and out.prefix(30) == joined(out)[:30]
+        assert joined(out) == run(raw, skins, decisions=decisions)[0]
+    small = b"From: a@example.org\r\nSubject: x\r\n\r\nhello\r\n"
+    assert isinstance(run(small, skins, spliced=True)[0], bytes)  # small messages stay plain bytes
 
 
 def test_the_lean_parse_of_a_big_attachment_allocates_next_to_nothing():

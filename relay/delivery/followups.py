@@ -41,6 +41,7 @@ def followup_message(raw: bytes, rcpt: str, mail_from: str, hostname: str, now: 
 
 async def schedule_followups(
     pipeline,
+    ledger,
     store: Store,
     hostname: str,
     stop: asyncio.Event,
@@ -53,6 +54,7 @@ async def schedule_followups(
 
     ``pipeline`` supplies the rule book (``.book``, None while no rules load) and its ``refresh()``;
     the book is read-only between reloads, so the tick may run in a thread beside the deliveries.
+    ``ledger`` and ``store`` should commit durably: a follow-up is marked done before it is queued.
     ``on_queued`` wakes the delivery loop. Outlives a broken rule or an unreachable store.
     """
 
@@ -70,10 +72,10 @@ async def schedule_followups(
         try:
             pipeline.refresh()
             book = pipeline.book
-            if book is None or pipeline.ledger is None:
+            if book is None:
                 continue
             counts = await asyncio.to_thread(
-                run_due_followups, book, pipeline.ledger, enqueue, clock(), original=store.raw
+                run_due_followups, book, ledger, enqueue, clock(), original=store.raw
             )
             if counts["queued"]:
                 on_queued()

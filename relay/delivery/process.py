@@ -58,6 +58,9 @@ async def run_worker(
     """Delivers until ``stop``; ``followups``: this worker also runs the follow-up scheduler (on
     ``clock``, which tests move forward)."""
     from relay.delivery.followups import schedule_followups
+    from relay.store.database import make_engine
+    from relay.store.ledger import Ledger
+    from relay.store.queue import Store
 
     worker = build_worker(settings)
     gc.freeze()  # skins, rules, catalog and libraries: long-lived, not worth the collector's scans
@@ -83,9 +86,20 @@ async def run_worker(
             await asyncio.sleep(0.5)
 
     helpers = [asyncio.create_task(watch_parent())]
+    engines = [worker.store.engine]
     if followups:
+        # its own engine: the worker's skips SQLite's fsync, and a follow-up is marked done before it
+        # is queued, so both commits must survive a power cut as the intake's do
+        store = Store(make_engine(settings.database.url, pool_size=1))
+        engines.append(store.engine)
         scheduler = schedule_followups(
-            worker.prepare, worker.store, settings.smtp.hostname, stop, clock=clock, on_queued=worker.wake
+            worker.prepare,
+            Ledger(store.engine),
+            store,
+            settings.smtp.hostname,
+            stop,
+            clock=clock,
+            on_queued=worker.wake,
         )
         helpers.append(asyncio.create_task(scheduler))
     try:
@@ -96,7 +110,8 @@ async def run_worker(
         await asyncio.gather(*helpers, return_exceptions=True)
         if wake_fd is not None:
             loop.remove_reader(wake_fd)
-        worker.store.engine.dispose()
+        for engine in engines:
+            engine.dispose()
 
 
 class WorkerProcess:

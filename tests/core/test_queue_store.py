@@ -118,12 +118,15 @@ def test_big_and_small_messages_in_one_group_read_back_intact(store):
 
     now = time.time()
     big = os.urandom(queue_mod.BLOB_STREAM_FROM) + b"\r\n.\r\n\x00end"
+    read_buffer = bytearray(b"Received: by relay\r\n" + big)  # how intake hands over a big message
+    raws = [b"Subject: small\r\n\r\nhi\r\n", big, b"Subject: small 2\r\n\r\nho\r\n", read_buffer]
     batch = [
         NewMessage(queue_id=new_queue_id(now), mail_from="shop@example.org", recipients=("a@example.org",),
                    raw=raw, source="test", client_addr="127.0.0.1", helo="h", message_id=f"<{i}@x>",
                    subject="s", received_at=now)
-        for i, raw in enumerate([b"Subject: small\r\n\r\nhi\r\n", big, b"Subject: small 2\r\n\r\nho\r\n"])
+        for i, raw in enumerate(raws)
     ]
     store.enqueue(batch)
-    assert [store.raw(m.queue_id) for m in batch] == [m.raw for m in batch]
+    got = [store.raw(m.queue_id) for m in batch]
+    assert got == [bytes(m.raw) for m in batch] and all(type(g) is bytes for g in got)
     assert store.raw("nope") is None

@@ -12,6 +12,7 @@ import re
 from email.header import decode_header
 from email.message import Message
 from html import escape, unescape
+from typing import Any
 
 import css_inline
 import nh3
@@ -189,21 +190,27 @@ def _style_filter(tag: str, attr: str, value: str) -> str | None:
     return value
 
 
+_CLEANER_OPTIONS: dict[str, Any] = dict(
+    tags=_TAGS,
+    clean_content_tags=_CLEAN_CONTENT,
+    attributes=_ATTRS,
+    url_schemes=_URL_SCHEMES,
+    link_rel=None,
+    strip_comments=True,
+)
+# built once: nh3.clean() converts the allow-lists and builds ammonia's sanitizer at every call
+# (0.23 ms of the 1.3 ms it takes for the 30 KB order confirmation)
+_CLEANER = nh3.Cleaner(**_CLEANER_OPTIONS)
+_CLEANER_FILTERED = nh3.Cleaner(attribute_filter=_style_filter, **_CLEANER_OPTIONS)
+
+
 def sanitize_html(fragment: str) -> str:
     """nh3 (ammonia) with an e-mail-friendly allow-list: no script, no on* handlers, no
     javascript:/data: URLs, no forms, no iframes; inline styles kept minus CSS expressions."""
-    kwargs = dict(
-        tags=_TAGS,
-        clean_content_tags=_CLEAN_CONTENT,
-        attributes=_ATTRS,
-        url_schemes=_URL_SCHEMES,
-        link_rel=None,
-        strip_comments=True,
-    )
-    out = nh3.clean(fragment, **kwargs)
+    out = _CLEANER.clean(fragment)
     low = out.lower()  # cheap substring screen first: an IGNORECASE alternation over 40 KB costs 1 ms
     if any(w in low for w in _DANGER_WORDS) and _DANGEROUS_CSS.search(out):  # rare: filtered second pass
-        out = nh3.clean(fragment, attribute_filter=_style_filter, **kwargs)
+        out = _CLEANER_FILTERED.clean(fragment)
     return out
 
 

@@ -97,6 +97,40 @@ def test_migrations_build_exactly_the_schema(store):
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
 
+def test_a_migrated_store_is_recognised_without_alembic(store, db_url):
+    """SCHEMA_HEAD is alembic's own head, and a restart on a migrated store (a fresh interpreter, as
+    `relay serve` is) does not import alembic; an older store is still upgraded."""
+    import subprocess
+    import sys
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    from relay.store.database import MIGRATIONS, SCHEMA_HEAD, at_head
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == SCHEMA_HEAD
+    assert at_head(store.engine)
+    code = (
+        "import sys\nfrom relay.store.database import make_engine, migrate\n"
+        f"migrate(make_engine({db_url!r}))\nprint(sorted(m for m in sys.modules if m.startswith('alembic')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+    from alembic import command
+
+    with store.engine.begin() as conn:  # a store from before 0002
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    assert not at_head(store.engine)
+    migrate(store.engine)
+    assert at_head(store.engine)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM offers")).scalar_one() == 0
+
+
 def test_timeline_and_ledger_key_addresses_alike(store):
     """One normaliser for every address_key column: a bracketed, mixed-case address finds the same rows."""
     from relay.store.ledger import Ledger

@@ -717,11 +717,10 @@ def summarize_profile(text: str, top: int = 12) -> str:
         if not stack or not n.isdigit():
             continue
         frames = stack.split(";")
-        proc = frames[0]
-        worker = "-m relay.delivery " in proc or "run_worker" in stack  # py-spy: 'process N:"cmdline"'
-        kind = "worker" if worker else "main (intake)"
-        if proc.startswith("process"):
-            frames = frames[1:]
+        # py-spy --subprocesses starts a child's stack with the parent's and the child's 'process N:"cmd"'
+        procs = [f for f in frames if f.startswith("process ")]
+        kind = "worker" if any("-m relay.delivery " in f for f in procs) else "main (intake)"
+        frames = frames[len(procs):]
         d = by_proc.setdefault(
             kind, {"total": 0, "self": collections.Counter(), "incl": collections.Counter()}
         )

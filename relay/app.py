@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import random
 import signal
 import socket
 import ssl
@@ -289,7 +290,31 @@ def tls_context(tls) -> ssl.SSLContext:
     return ctx
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port to listen on later (tests, bench), taken below the kernel's ephemeral range: a port from
+    bind(0) comes from that range, and until the listener binds it the kernel can hand it to any
+    outgoing connection (to PostgreSQL, to a sink) as its source port: EADDRINUSE at random."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = 10_000 if ephemeral_low > 12_000 else 1024
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, ephemeral_low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # the range is crowded: the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -624,3 +624,15 @@ def test_kill_9_under_load_loses_no_acknowledged_message(relays, upstream, db_ur
     print(f"\nkill -9 under load: {json.dumps(report)}")
     second.send_signal(signal.SIGTERM)
     assert second.wait(10) == 0, second.log()
+
+
+def test_free_port_stays_out_of_the_ephemeral_range_and_never_repeats():
+    """Ports the tests listen on later must not be ones the kernel may give to an outgoing connection
+    (to PostgreSQL, to a sink) in the meantime: that was an EADDRINUSE at random in make test."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(100)]
+    assert len(set(ports)) == 100
+    assert all(p < low for p in ports), (low, max(ports))
+    for p in ports[:5]:  # and they can be listened on
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))

@@ -107,6 +107,43 @@ class Outcome:
 
 BLOB_STREAM_FROM = 1024 * 1024  # a message this big is written to and read from SQLite with the blob API
 
+_PG_MESSAGE_COLS = (
+    "queue_id, received_at, mail_from, source, client_addr, helo, message_id, subject, size, raw"
+)
+_PG_RECIPIENT_COLS = "queue_id, address, address_key, status, attempts, next_attempt_at, crashes, updated_at"
+_PG_EVENT_COLS = "queue_id, address_key, at, kind, detail"
+_PG_MAX_PARAMS = 30_000  # the protocol allows 65,535 bound values per statement; a bigger group goes row-wise
+
+
+def _pg_enqueue(batch: Sequence[NewMessage]) -> tuple[str, tuple] | None:
+    """The group's messages, recipients and events as ONE statement (data-modifying CTEs): one round
+    trip to PostgreSQL instead of three, each of which waited its turn for the server process on a
+    busy machine (intake commit 1.2 -> 0.6 ms idle). None when it would bind too many values."""
+    n_rcpt = sum(len(m.recipients) for m in batch)
+    if not n_rcpt or 10 * len(batch) + 9 * n_rcpt > _PG_MAX_PARAMS:
+        return None
+    params: list = []
+    for m in batch:
+        params += [m.queue_id, m.received_at, m.mail_from, m.source, m.client_addr, m.helo[:255],
+                   m.message_id, m.subject, len(m.raw), m.raw]  # fmt: skip
+    for m in batch:
+        for rcpt in m.recipients:
+            params += [m.queue_id, rcpt, address_key(rcpt), QUEUED, m.received_at, m.received_at]
+    for m in batch:
+        detail = f"from {m.source} ({m.client_addr})"
+        for rcpt in m.recipients:
+            params += [m.queue_id, address_key(rcpt), m.received_at, detail]
+    sql = (
+        f"WITH m AS (INSERT INTO messages ({_PG_MESSAGE_COLS}) VALUES "
+        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(batch))
+        + f"), r AS (INSERT INTO recipients ({_PG_RECIPIENT_COLS}) VALUES "
+        + ", ".join(["(%s, %s, %s, %s, 0, %s, 0, %s)"] * n_rcpt)
+        + f") INSERT INTO events ({_PG_EVENT_COLS}) VALUES "
+        + ", ".join(["(%s, %s, %s, 'received', %s)"] * n_rcpt)
+    )
+    return sql, tuple(params)
+
+
 # Statements a worker runs for every batch of outcomes, built once (see Store.record).
 _RECORD_OUTCOME = (
     update(recipients)
@@ -204,6 +241,11 @@ class Store:
 
     @staticmethod
     def _enqueue(conn, batch: Sequence[NewMessage]) -> None:
+        if conn.dialect.name == "postgresql":
+            statement = _pg_enqueue(batch)
+            if statement is not None:
+                conn.exec_driver_sql(*statement)
+                return
         # SQLite keeps a copy of every bound value in its cached statement until the next bind: a big
         # message is written through the blob API instead (no copy, nothing kept after the commit)
         streamed = {

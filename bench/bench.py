@@ -844,6 +844,12 @@ def run(args) -> dict:
             results["transform"] = merge_transform_rounds(transform_rounds)
 
         transform_round()
+        if not args.throughput_only:
+            log("transform: each step against its alternatives (bench/transform_choices.py)")
+            results["transform_choices"] = subprocess.run(
+                [PY, str(BENCH / "transform_choices.py"), "--json", str(OUT / "transform_choices.json")],
+                check=False, capture_output=True, text=True, timeout=600, cwd=ROOT,
+            ).stdout or "transform_choices.py failed; see its output by running it alone"  # fmt: skip
 
         msg_html, msg_signed = tmp / "order.eml", tmp / "signed.eml"
         msg_html.write_bytes(messages.for_smtp_source(messages.order_confirmation()))
@@ -1127,6 +1133,9 @@ def report(res: dict) -> str:
             rounds = " / ".join(f"{x:.2f}" for x in c.get("p50_rounds", [c["p50"]]))
             L.append(f"| {name} | {c['n']} | {rounds} | {c['p50']:.2f} | {c['p99']:.2f} | {c['action']} "
                      f"{c['reason']} | {c['in']:,} -> {c['out']:,} |")
+    if res.get("transform_choices"):
+        L += ["", "### Each step of the transform against its alternatives (bench/transform_choices.py)", "",
+              res["transform_choices"].rstrip()]
     if "profile" in res:
         L += ["", "## Profile of the relay under load (py-spy, SQLite, smtp-source 20 sessions)", "", "```",
               res["profile"], "```"]

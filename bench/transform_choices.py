@@ -123,7 +123,7 @@ def measure(iterations: int) -> dict[str, Any]:
              lambda: (_mime.qp_encode(text, eol), _mime.qp_encode(final_html, eol)), True),
             ("email.quoprimime.body_encode (pure Python)",
              lambda: (quoprimime.body_encode(text), quoprimime.body_encode(final_html)), False),
-            ("quopri.encodestring",
+            ("quopri.encodestring (the same C encoder; LF endings, a final space unencoded: not wire-ready)",
              lambda: (quopri.encodestring(text.encode()), quopri.encodestring(final_html.encode())), False),
         ]),
         ("MIME output (multipart/alternative, QP)", [

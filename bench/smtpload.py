@@ -92,9 +92,11 @@ def _dot_stuff(raw: bytes) -> bytes:
 
 
 async def probe(
-    port: int, count: int, sessions: int, seconds: float, kind: str, tag: str, rate: float = 0.0
+    port: int, count: int, sessions: int, seconds: float, kind: str, tag: str, rate: float = 0.0,
+    refused_pause: float = 0.0,
 ) -> dict:
-    """``rate`` > 0: message i starts no earlier than i / rate seconds in (a paced, light load)."""
+    """``rate`` > 0: message i starts no earlier than i / rate seconds in (a paced, light load).
+    ``refused_pause``: seconds a session waits after a refusal before its next try (a client's back-off)."""
     base = messages.signed_order_confirmation() if kind == "signed" else messages.order_confirmation()
     results: list[dict] = []
     errors: dict[str, int] = {}
@@ -119,6 +121,8 @@ async def probe(
                 results.append({"mid": mid, "lat": lat, "t250": wall, "reply": text[:120]})
             else:
                 errors[str(code)] = errors.get(str(code), 0) + 1
+                if refused_pause:
+                    await asyncio.sleep(refused_pause)
 
     started = time.perf_counter()
     await asyncio.gather(*(session() for _ in range(sessions)))
@@ -205,6 +209,7 @@ def main() -> None:
     pr.add_argument("--kind", choices=("html", "signed"), default="html")
     pr.add_argument("--tag", default="probe")
     pr.add_argument("--rate", type=float, default=0.0, help="msgs per second (0: as fast as replies come)")
+    pr.add_argument("--refused-pause", type=float, default=0.0, help="seconds to wait after a refusal")
     pr.add_argument("--out", type=Path, required=True)
     sk = sub.add_parser("sink")
     sk.add_argument("--port", type=int, required=True)
@@ -213,7 +218,7 @@ def main() -> None:
     a = p.parse_args()
     run = uvloop.run if uvloop else asyncio.run
     if a.cmd == "probe":
-        res = run(probe(a.port, a.count, a.sessions, a.seconds, a.kind, a.tag, a.rate))
+        res = run(probe(a.port, a.count, a.sessions, a.seconds, a.kind, a.tag, a.rate, a.refused_pause))
         a.out.write_text(json.dumps(res))
     else:
         run(sink(a.port, a.out, a.max_seconds))

@@ -596,7 +596,6 @@ def log_latency(label: str, loads: dict[str, dict], light_rate: float) -> None:
             + (f" | rewrapped {d['rewrapped']}/{d['arrived']}" if load == "conc" else ""))
 
 
-
 def overload(tmp: Path, sink: StampSink, args) -> dict:
     """Above the maximum (issue 6): twice as many sessions as the relay's session cap, flat out. The
     excess must be refused (421 at the greeting; the client retries later, here after 50 ms) instead of

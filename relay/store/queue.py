@@ -107,40 +107,54 @@ class Outcome:
 
 BLOB_STREAM_FROM = 1024 * 1024  # a message this big is written to and read from SQLite with the blob API
 
-_PG_MESSAGE_COLS = (
-    "queue_id, received_at, mail_from, source, client_addr, helo, message_id, subject, size, raw"
-)
-_PG_RECIPIENT_COLS = "queue_id, address, address_key, status, attempts, next_attempt_at, crashes, updated_at"
-_PG_EVENT_COLS = "queue_id, address_key, at, kind, detail"
 _PG_MAX_PARAMS = 30_000  # the protocol allows 65,535 bound values per statement; a bigger group goes row-wise
 
 
-def _pg_enqueue(batch: Sequence[NewMessage]) -> tuple[str, tuple] | None:
-    """The group's messages, recipients and events as ONE statement (data-modifying CTEs): one round
-    trip to PostgreSQL instead of three, each of which waited its turn for the server process on a
-    busy machine (intake commit 1.2 -> 0.6 ms idle). None when it would bind too many values."""
-    n_rcpt = sum(len(m.recipients) for m in batch)
-    if not n_rcpt or 10 * len(batch) + 9 * n_rcpt > _PG_MAX_PARAMS:
-        return None
-    params: list = []
-    for m in batch:
-        params += [m.queue_id, m.received_at, m.mail_from, m.source, m.client_addr, m.helo[:255],
-                   m.message_id, m.subject, len(m.raw), m.raw]  # fmt: skip
-    for m in batch:
-        for rcpt in m.recipients:
-            params += [m.queue_id, rcpt, address_key(rcpt), QUEUED, m.received_at, m.received_at]
+def _enqueue_rows(batch: Sequence[NewMessage], streamed: set[str]) -> tuple[list[dict], ...]:
+    """The rows a group adds to messages, recipients and events (a streamed message's raw goes in
+    empty: the blob API writes it)."""
+    msgs = [
+        {
+            "queue_id": m.queue_id,
+            "received_at": m.received_at,
+            "mail_from": m.mail_from,
+            "source": m.source,
+            "client_addr": m.client_addr,
+            "helo": m.helo[:255],
+            "message_id": m.message_id,
+            "subject": m.subject,
+            "size": len(m.raw),
+            "raw": b"" if m.queue_id in streamed else m.raw,
+        }
+        for m in batch
+    ]
+    rcpts, evs = [], []
     for m in batch:
         detail = f"from {m.source} ({m.client_addr})"
         for rcpt in m.recipients:
-            params += [m.queue_id, address_key(rcpt), m.received_at, detail]
-    sql = (
-        f"WITH m AS (INSERT INTO messages ({_PG_MESSAGE_COLS}) VALUES "
-        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(batch))
-        + f"), r AS (INSERT INTO recipients ({_PG_RECIPIENT_COLS}) VALUES "
-        + ", ".join(["(%s, %s, %s, %s, 0, %s, 0, %s)"] * n_rcpt)
-        + f") INSERT INTO events ({_PG_EVENT_COLS}) VALUES "
-        + ", ".join(["(%s, %s, %s, 'received', %s)"] * n_rcpt)
-    )
+            key = address_key(rcpt)
+            rcpts.append({"queue_id": m.queue_id, "address": rcpt, "address_key": key, "status": QUEUED,
+                          "attempts": 0, "next_attempt_at": m.received_at, "crashes": 0,
+                          "updated_at": m.received_at})  # fmt: skip
+            evs.append({"queue_id": m.queue_id, "address_key": key, "at": m.received_at,
+                        "kind": "received", "detail": detail})  # fmt: skip
+    return msgs, rcpts, evs
+
+
+def _pg_one_statement(tables: tuple[list[dict], ...]) -> tuple[str, tuple] | None:
+    """A group's rows as ONE statement of data-modifying CTEs: the three INSERTs in one round trip
+    (an intake commit 6 -> 4 round trips with pre-ping, BEGIN and COMMIT), each of which waited its
+    turn for the server process on a busy machine. None when it would bind too many values."""
+    msgs, rcpts, evs = tables
+    if not rcpts or sum(len(rows) * len(rows[0]) for rows in tables) > _PG_MAX_PARAMS:
+        return None
+    parts, params = [], []
+    for table, rows in zip(("messages", "recipients", "events"), tables, strict=True):
+        cols = list(rows[0])
+        row = "(" + ", ".join(["%s"] * len(cols)) + ")"
+        parts.append(f"INSERT INTO {table} ({', '.join(cols)}) VALUES " + ", ".join([row] * len(rows)))
+        params += [r[c] for r in rows for c in cols]
+    sql = f"WITH m AS ({parts[0]}), r AS ({parts[1]}) {parts[2]}"
     return sql, tuple(params)
 
 
@@ -241,62 +255,22 @@ class Store:
 
     @staticmethod
     def _enqueue(conn, batch: Sequence[NewMessage]) -> None:
-        if conn.dialect.name == "postgresql":
-            statement = _pg_enqueue(batch)
-            if statement is not None:
-                conn.exec_driver_sql(*statement)
-                return
         # SQLite keeps a copy of every bound value in its cached statement until the next bind: a big
         # message is written through the blob API instead (no copy, nothing kept after the commit)
         streamed = {
             m.queue_id for m in batch if len(m.raw) >= BLOB_STREAM_FROM and conn.dialect.name == "sqlite"
         }
-        conn.execute(
-            insert(messages),
-            [
-                {
-                    "queue_id": m.queue_id,
-                    "received_at": m.received_at,
-                    "mail_from": m.mail_from,
-                    "source": m.source,
-                    "client_addr": m.client_addr,
-                    "helo": m.helo[:255],
-                    "message_id": m.message_id,
-                    "subject": m.subject,
-                    "size": len(m.raw),
-                    "raw": b"" if m.queue_id in streamed else m.raw,
-                }
-                for m in batch
-            ],
-        )
+        msgs, rcpts, evs = tables = _enqueue_rows(batch, streamed)
+        if conn.dialect.name == "postgresql":
+            statement = _pg_one_statement(tables)
+            if statement is not None:
+                conn.exec_driver_sql(*statement)
+                return
+        conn.execute(insert(messages), msgs)
         for m in batch:
             if m.queue_id in streamed:
                 _write_blob(conn, m.queue_id, m.raw)
-        rows, evs = [], []
-        for m in batch:
-            for rcpt in m.recipients:
-                rows.append(
-                    {
-                        "queue_id": m.queue_id,
-                        "address": rcpt,
-                        "address_key": address_key(rcpt),
-                        "status": QUEUED,
-                        "attempts": 0,
-                        "next_attempt_at": m.received_at,
-                        "crashes": 0,
-                        "updated_at": m.received_at,
-                    }
-                )
-                evs.append(
-                    {
-                        "queue_id": m.queue_id,
-                        "address_key": address_key(rcpt),
-                        "at": m.received_at,
-                        "kind": "received",
-                        "detail": f"from {m.source} ({m.client_addr})",
-                    }
-                )
-        conn.execute(insert(recipients), rows)
+        conn.execute(insert(recipients), rcpts)
         conn.execute(insert(events), evs)
 
     # -- workers ----------------------------------------------------------------------------------------

@@ -183,7 +183,6 @@ def _rows_of(store: Store, queue_ids: list[str]) -> dict[str, list[tuple]]:
     return out
 
 
-
 def _group(now: float) -> list[NewMessage]:
     """A group as intake hands it over: several messages, several recipients each, awkward text
     (a percent-hack address, quotes, non-ASCII, a long HELO that is cut to 255)."""
